@@ -1,0 +1,59 @@
+// Argument checks shared by the CPU and CUDA torch glue. Every message names the op and
+// the argument, so a user can tell which input was wrong without reading C++.
+//   TORCH_CHECK_TYPE  -> TypeError   (dtype)
+//   TORCH_CHECK_VALUE -> ValueError  (shape, device, value)
+//   TORCH_CHECK_INDEX -> IndexError  (index out of range)
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <limits>
+
+namespace tsparse {
+
+inline bool is_row_dtype(c10::ScalarType t) {
+  return t == c10::kFloat || t == c10::kHalf || t == c10::kBFloat16 || t == c10::kDouble;
+}
+
+// [rows, D] floating tensor whose rows the kernels can address with a row stride.
+inline void check_rows(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK_TYPE(is_row_dtype(t.scalar_type()), "tsparse.", op, ": `", arg,
+                   "` must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2, "tsparse.", op, ": `", arg,
+                    "` must be 2-D [rows, D], got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(1) * t.element_size() < (int64_t(1) << 31), "tsparse.", op, ": `",
+                    arg, "` rows of ", t.size(1), " elements are too wide (2 GiB per row at most)");
+}
+
+inline void check_index_tensor(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK_TYPE(t.scalar_type() == c10::kInt || t.scalar_type() == c10::kLong, "tsparse.", op,
+                   ": `", arg, "` must be int32 or int64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1, "tsparse.", op, ": `", arg, "` must be 1-D, got shape ",
+                    t.sizes());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                              const char* arg, const char* ref_arg) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "tsparse.", op, ": `", arg, "` is on ", t.device(),
+                    " but `", ref_arg, "` is on ", ref.device(), "; they must be on the same device");
+}
+
+// Rows with a contiguous inner dimension are used in place (any row stride); anything
+// else is copied once.
+inline at::Tensor rows_view(const at::Tensor& t) {
+  if (t.size(1) <= 1 || t.stride(1) == 1) return t;
+  return t.contiguous();
+}
+
+inline int64_t row_stride(const at::Tensor& t) {
+  return t.size(0) <= 1 ? t.size(1) : t.stride(0);
+}
+
+inline void check_int32_rows(int64_t rows, const char* op, const char* arg) {
+  TORCH_CHECK_VALUE(rows <= std::numeric_limits<int32_t>::max(), "tsparse.", op, ": `", arg,
+                    "` has ", rows, " rows; at most 2^31 - 1 are supported here");
+}
+
+}  // namespace tsparse

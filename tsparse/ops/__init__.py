@@ -1,0 +1,29 @@
+"""The one doorway to tsparse's ops: ``from tsparse.ops import gather_tokens``.
+
+One module per op family:
+  * :mod:`tsparse.ops.visual_tokens` - box-to-patch mask, token gather/scatter, token fusion,
+    select_visual_tokens.
+
+Every op is a ``torch.ops.tsparse`` op (schemas in ``csrc/ops.cpp``) with CPU and CUDA
+kernels, a fake kernel for torch.compile and autograd where values flow.
+"""
+
+from .visual_tokens import (
+    SelectedTokens,
+    box_to_patch_mask,
+    fuse_tokens,
+    gather_tokens,
+    scatter_tokens,
+    select_visual_tokens,
+    token_offsets_from_grid,
+)
+
+__all__ = [
+    "SelectedTokens",
+    "box_to_patch_mask",
+    "fuse_tokens",
+    "gather_tokens",
+    "scatter_tokens",
+    "select_visual_tokens",
+    "token_offsets_from_grid",
+]

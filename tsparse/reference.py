@@ -1,0 +1,138 @@
+"""Pure-PyTorch references of every tsparse op.
+
+Written for clarity, not speed: loops over images, plain indexing, fp64 geometry. The tests
+compare the CPU and CUDA kernels with these on fresh random inputs, and the benchmarks use
+them (and ``torch.compile`` of them) as baselines.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------
+# Visual tokens
+
+
+def box_to_patch_mask_ref(
+    boxes: Tensor,
+    box_offsets: Tensor,
+    image_grid_thw: Tensor,
+    *,
+    coords: str = "normalized",
+    patch_size: int = 14,
+    merge_size: int = 2,
+    margin: float = 0.0,
+    min_coverage: float = 0.0,
+    empty: str = "keep_all",
+) -> tuple[Tensor, Tensor]:
+    """Reference of :func:`tsparse.ops.box_to_patch_mask` (same fp64 operations, one rounding
+    each, so results agree bit for bit with the kernels)."""
+    device = boxes.device
+    b64 = boxes.detach().to(torch.float64).cpu()
+    offs = [int(v) for v in box_offsets.reshape(-1).tolist()]
+    keeps, counts = [], []
+    cell_px = float(patch_size * merge_size)
+    for i, (t, h, w) in enumerate(image_grid_thw.tolist()):
+        hc, wc = h // merge_size, w // merge_size
+        rows = torch.arange(hc, dtype=torch.float64).view(hc, 1)
+        cols = torch.arange(wc, dtype=torch.float64).view(1, wc)
+        slice_keep = torch.zeros(hc, wc, dtype=torch.bool)
+        for x1, y1, x2, y2 in b64[offs[i] : offs[i + 1]].tolist():
+            vals = torch.tensor([x1, y1, x2, y2], dtype=torch.float64)
+            if not bool(torch.isfinite(vals).all()) or not (x2 > x1 and y2 > y1):
+                continue
+            if coords == "pixel":
+                x1, x2, y1, y2 = (vals[[0, 2, 1, 3]] / cell_px).tolist()
+            else:
+                x1, x2 = (vals[[0, 2]] * float(wc)).tolist()
+                y1, y2 = (vals[[1, 3]] * float(hc)).tolist()
+            gx1 = min(max(x1 - margin, 0.0), float(wc))
+            gy1 = min(max(y1 - margin, 0.0), float(hc))
+            gx2 = min(max(x2 + margin, 0.0), float(wc))
+            gy2 = min(max(y2 + margin, 0.0), float(hc))
+            f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+            ox = torch.minimum(cols + 1.0, f64(gx2)) - torch.maximum(cols, f64(gx1))
+            oy = torch.minimum(rows + 1.0, f64(gy2)) - torch.maximum(rows, f64(gy1))
+            cover = torch.where((ox > 0) & (oy > 0), ox * oy, f64(0.0))
+            slice_keep |= cover > min_coverage
+        if not bool(slice_keep.any()) and empty == "keep_all":
+            slice_keep[:] = True
+        keeps.append(slice_keep.reshape(-1).repeat(t))
+        counts.append(int(slice_keep.sum()) * t)
+    keep = torch.cat(keeps) if keeps else torch.zeros(0, dtype=torch.bool)
+    return keep.to(device), torch.tensor(counts, dtype=torch.int32, device=device)
+
+
+def gather_tokens_ref(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]`` (autograd accumulates duplicate indices)."""
+    return x[index.to(torch.int64)]
+
+
+def scatter_tokens_ref(src: Tensor, index: Tensor, num_rows: int, fill: Optional[Tensor] = None) -> Tensor:
+    """``out = fill (or zeros); out[index] = src`` (differentiable in src and fill)."""
+    base = fill if fill is not None else src.new_zeros(num_rows, src.shape[1])
+    return base.index_put((index.to(torch.int64),), src)
+
+
+def fuse_assignment_ref(x: Tensor, keep: Tensor, token_offsets: Sequence[int], eps: float = 1e-8) -> Tensor:
+    """Each row's output row under token fusion (int64 [N]), with similarities in fp64."""
+    n = x.shape[0]
+    assign = torch.full((n,), -1, dtype=torch.int64)
+    xd = x.detach().to(torch.float64).cpu()
+    kcpu = keep.cpu()
+    out_row = 0
+    for i in range(len(token_offsets) - 1):
+        a, b = int(token_offsets[i]), int(token_offsets[i + 1])
+        rows = torch.arange(a, b)
+        kept = rows[kcpu[a:b]]
+        dropped = rows[~kcpu[a:b]]
+        if kept.numel() == 0:
+            continue
+        assign[kept] = torch.arange(out_row, out_row + kept.numel())
+        if dropped.numel():
+            xk, xdr = xd[kept], xd[dropped]
+            nk = xk.norm(dim=1).clamp_min(eps)
+            nd = xdr.norm(dim=1).clamp_min(eps)
+            sim = (xdr @ xk.T) / nd[:, None] / nk[None, :]
+            assign[dropped] = out_row + sim.argmax(dim=1)  # argmax: first (lowest) index on ties
+        out_row += kept.numel()
+    return assign.to(x.device)
+
+
+def fuse_tokens_ref(
+    x: Tensor, keep: Tensor, token_offsets: Sequence[int], assign: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """Reference of :func:`tsparse.ops.fuse_tokens`. With ``assign`` given, pools with that
+    assignment (to compare pooling and gradients independently of near-tie argmax)."""
+    if assign is None:
+        assign = fuse_assignment_ref(x, keep, token_offsets)
+    k = int(keep.sum())
+    valid = assign >= 0
+    idx = assign[valid]
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                       device=x.device)
+    sums = sums.index_add(0, idx, x[valid].to(sums.dtype))
+    counts = torch.bincount(idx, minlength=k).to(sums.dtype)
+    y = (sums / counts.clamp_min(1)[:, None]).to(x.dtype)
+    return y, assign
+
+
+def select_visual_tokens_ref(
+    image_embeds: Tensor, boxes: Tensor, box_offsets: Tensor, image_grid_thw: Tensor, *, fuse: bool = True,
+    **mask_options,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference of :func:`tsparse.ops.select_visual_tokens`: (embeds, kept index, keep)."""
+    keep, _ = box_to_patch_mask_ref(boxes, box_offsets, image_grid_thw, **mask_options)
+    keep = keep.to(image_embeds.device)
+    index = keep.nonzero().reshape(-1)
+    if not fuse:
+        return image_embeds[index], index, keep
+    m = mask_options.get("merge_size", 2)
+    offsets = [0]
+    for t, h, w in image_grid_thw.tolist():
+        offsets.append(offsets[-1] + t * (h // m) * (w // m))
+    y, _ = fuse_tokens_ref(image_embeds, keep, offsets)
+    return y, index, keep
