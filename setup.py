@@ -13,6 +13,8 @@ Environment:
                             /usr/local from the nvcc wrapper on PATH and fail to link cudart).
   MAX_JOBS                  parallel compile jobs (ninja).
   TSPARSE_DEBUG=1           -O0 -g host code and -G device code.
+  TSPARSE_NO_EXT=1          install the Python package only (the Makefile's editable
+                            install; `make build` then compiles the extension in place).
 
 Pitfalls measured on the project's machines are in shared/notes/build.md: torch headers
 stay out of .cu files, no -std=c++17 (torch >= 2.14 needs C++20), -g0 on the host.
@@ -110,7 +112,10 @@ def _extensions():
     sources = rel("csrc/ops.cpp") + rel("csrc/common/*.cpp") + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "generated")]
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]
-    cxx += ["-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is inlined into our translation units and is serial
+    # without it. The extension then needs libgomp.so.1, which torch already loaded.
+    cxx += ["-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     extra = {"cxx": cxx}
     if with_cuda:
         sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
@@ -120,10 +125,10 @@ def _extensions():
             "-Xcompiler=-fvisibility=hidden",
         ]
         ext = cpp_extension.CUDAExtension("tsparse._C", sources, include_dirs=include_dirs,
-                                          extra_compile_args=extra)
+                                          extra_compile_args=extra, extra_link_args=link)
     else:
         ext = cpp_extension.CppExtension("tsparse._C", sources, include_dirs=include_dirs,
-                                         extra_compile_args=extra)
+                                         extra_compile_args=extra, extra_link_args=link)
     what = f"CPU + CUDA kernels (arch {arch_list}; {reason})" if with_cuda else f"CPU kernels only ({reason})"
     print(f"tsparse: building {what}", flush=True)
     return [ext], what
@@ -148,6 +153,10 @@ def _has_ninja_module() -> bool:
 
 
 def main():
+    if os.environ.get("TSPARSE_NO_EXT", "0") == "1":
+        # Metadata-only (editable) install; `make build` compiles tsparse._C in place.
+        setup()
+        return
     ext_modules, what = _extensions()
     setup(
         ext_modules=ext_modules,

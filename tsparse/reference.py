@@ -136,3 +136,35 @@ def select_visual_tokens_ref(
         offsets.append(offsets[-1] + t * (h // m) * (w // m))
     y, _ = fuse_tokens_ref(image_embeds, keep, offsets)
     return y, index, keep
+
+
+def fuse_tokens_eager(x: Tensor, keep: Tensor, token_offsets: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Straightforward eager-PyTorch token fusion on ``x``'s device (a per-image loop of
+    normalize / matmul / argmax / index_add, fp32 math): the baseline the benchmarks compare
+    :func:`tsparse.ops.fuse_tokens` with."""
+    n, d = x.shape
+    assign = torch.full((n,), -1, dtype=torch.int64, device=x.device)
+    k = int(keep.sum())
+    sums = torch.zeros(k, d, dtype=torch.float32, device=x.device)
+    counts = torch.zeros(k, dtype=torch.float32, device=x.device)
+    out_row = 0
+    for i in range(len(token_offsets) - 1):
+        a, b = int(token_offsets[i]), int(token_offsets[i + 1])
+        xi = x[a:b].float()
+        ki = keep[a:b]
+        kept = ki.nonzero().reshape(-1)
+        nk = kept.numel()
+        if nk == 0:
+            continue
+        dropped = (~ki).nonzero().reshape(-1)
+        local = torch.empty(b - a, dtype=torch.int64, device=x.device)
+        local[kept] = torch.arange(nk, device=x.device)
+        if dropped.numel():
+            xk = torch.nn.functional.normalize(xi[kept], dim=1, eps=1e-8)
+            local[dropped] = (xi[dropped] @ xk.T).argmax(dim=1)
+        rows = local + out_row
+        assign[a:b] = rows
+        sums.index_add_(0, rows, xi)
+        counts.index_add_(0, rows, torch.ones(b - a, device=x.device))
+        out_row += nk
+    return (sums / counts.clamp_min(1)[:, None]).to(x.dtype), assign

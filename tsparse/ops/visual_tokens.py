@@ -342,7 +342,7 @@ def _kept_counts(keep: Tensor, token_offsets: Sequence[int]) -> list[int]:
         return []
     csum = torch.zeros(keep.shape[0] + 1, dtype=torch.int64, device=keep.device)
     torch.cumsum(keep.to(torch.int64), 0, out=csum[1:])
-    bounds = torch.tensor(token_offsets, dtype=torch.int64, device=keep.device)
+    bounds = torch.tensor(token_offsets, dtype=torch.int64).to(keep.device, non_blocking=True)
     return (csum[bounds[1:]] - csum[bounds[:-1]]).tolist()
 
 
@@ -452,7 +452,8 @@ def select_visual_tokens(
     merge_size = mask_options.get("merge_size", 2)
     grid, offs = _host_metadata(image_grid_thw, box_offsets)
     with nvtx_range("select_visual_tokens/mask"):
-        keep, kept_counts = box_to_patch_mask(boxes.to(image_embeds.device), offs, grid, **mask_options)
+        boxes = _need_tensor(boxes, op, "boxes").to(image_embeds.device, non_blocking=True)
+        keep, kept_counts = box_to_patch_mask(boxes, offs, grid, **mask_options)
     if image_embeds.dim() != 2 or image_embeds.shape[0] != keep.shape[0]:
         raise ValueError(
             f"tsparse.{op}: `image_embeds` must have shape [N, D] with N = {keep.shape[0]} "

@@ -1,0 +1,59 @@
+# tsparse - the two commands for a fresh machine (see README):
+#   make demo   creates .venv if missing, installs the pinned dependencies, builds, runs the main job
+#   make test   the same setup, then the whole test suite
+# Other targets: make bench (benchmarks), make wheel (a wheel with the CUDA kernels),
+# make build (incremental rebuild of tsparse._C), make lock (re-pin requirements/dev.lock).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.tsparse-deps
+MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+export MAX_JOBS
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: setup build test demo bench wheel lock info clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Pinned, tested dependency set (torch 2.14.1 CUDA build, verl 0.9.1, transformers 5.10.4, ...).
+# tsparse itself is installed editable without building; `make build` compiles tsparse._C in place.
+$(STAMP): requirements/dev.lock pyproject.toml | $(PY)
+	$(PIP) install --no-deps -r requirements/dev.lock
+	TSPARSE_NO_EXT=1 $(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(STAMP)
+
+# Incremental (ninja, objects in build/): CPU kernels always, CUDA kernels when torch has CUDA
+# and nvcc is found (TSPARSE_CUDA=0 forces CPU-only; TORCH_CUDA_ARCH_LIST defaults to 9.0a).
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest python_tests $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m benchmarks.report $(BENCH_ARGS)
+
+bench: build
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=min,median,max,rounds
+	$(PY) -m benchmarks.report $(BENCH_ARGS)
+
+# A wheel with the CUDA kernels in it (fails if they cannot be built; TSPARSE_CUDA=0 for CPU-only).
+wheel: setup
+	TSPARSE_CUDA=$${TSPARSE_CUDA:-1} $(PIP) wheel --no-deps --no-build-isolation -w dist .
+	$(PY) scripts/check_wheel.py dist/tsparse-*.whl
+
+info: build
+	$(PY) -m tsparse
+
+lock:
+	scripts/lock.sh
+
+clean:
+	rm -rf build dist *.egg-info tsparse/_C*.so csrc/generated bench_results

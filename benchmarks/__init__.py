@@ -1,0 +1,1 @@
+"""tsparse benchmarks: `python -m benchmarks.report` prints the table (see README)."""

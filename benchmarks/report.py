@@ -1,0 +1,59 @@
+"""Runs every op family's benchmark on the current device and prints one table.
+
+    python -m benchmarks.report [--device cpu|cuda] [--size cpu|full|tiny] [--json PATH]
+
+Each row: op, shape, dtype, tsparse time, a baseline measured in the same run, ratio
+(baseline / tsparse: > 1 means tsparse is faster), GB/s from the op's byte model and its
+fraction of the copy bandwidth measured in this run, TFLOP/s and fraction of the measured
+matmul rate where the op computes, peak extra memory (GPU). Results also go to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from . import bench_visual_tokens
+from .common import Timer, environment, format_table, measure_copy_bandwidth, measure_matmul_tflops, save_json
+
+FAMILIES = {
+    "visual_tokens": bench_visual_tokens.run,
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", default=None, help="cpu | full | tiny (default: full on a GPU, cpu on the CPU)")
+    p.add_argument("--only", default=None, help="comma-separated op families: " + ",".join(FAMILIES))
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement")
+    p.add_argument("--json", default="bench_results/report.json")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    size = args.size or ("full" if device.type == "cuda" else "cpu")
+    iters = args.iters or (20 if device.type == "cuda" else 5)
+    env = environment(device)
+    print(f"tsparse benchmark report - {env['date']}")
+    print(f"  device: {env.get('gpu') or env.get('cpu')}; torch {env['torch']}; size={size}")
+    copy = measure_copy_bandwidth(device)
+    mm = measure_matmul_tflops(device)
+    print(f"  measured copy bandwidth: {copy:.1f} GB/s (read + write); matmul: {mm:.1f} TFLOP/s")
+    timer = Timer(device, warmup=3, iters=iters)
+    rows = []
+    families = args.only.split(",") if args.only else list(FAMILIES)
+    for fam in families:
+        print(f"[{fam}]", flush=True)
+        rows += FAMILIES[fam](device, size, timer, log=lambda s: print(s, flush=True))
+    print()
+    print(format_table(rows, copy, mm))
+    save_json(args.json, env, {"copy_gbps": copy, "matmul_tflops": mm, "size": size}, rows)
+    print(f"\nJSON: {os.path.abspath(args.json)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

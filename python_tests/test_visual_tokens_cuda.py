@@ -1,0 +1,102 @@
+"""CUDA-only behaviour of the visual-token ops: host syncs and device-side index errors.
+(Every test in test_visual_tokens.py also runs on CUDA through its `device` parameter.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from tsparse.ops import box_to_patch_mask, fuse_tokens, gather_tokens, scatter_tokens, select_visual_tokens
+
+from conftest import requires_cuda
+
+pytestmark = [pytest.mark.cuda, requires_cuda]
+
+
+def _count_syncs(fn) -> int:
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def test_gather_scatter_fuse_make_no_host_sync():
+    x = torch.randn(1000, 3584, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    idx = torch.randperm(1000, device="cuda")[:700]
+    keep = torch.rand(1000, device="cuda") < 0.7
+    counts = [int(keep[:500].sum()), int(keep[500:].sum())]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = gather_tokens(x, idx)
+        y.backward(torch.ones_like(y))
+        y2 = gather_tokens(x, idx, unique_index=False)
+        y2.backward(torch.ones_like(y2))
+        s = scatter_tokens(y.detach(), idx, 1000, fill=x.detach())
+        f, _ = fuse_tokens(x, keep, [0, 500, 1000], kept_counts=counts)
+        f.float().sum().backward()
+        box_to_patch_mask(torch.rand(3, 4, device="cuda"), torch.tensor([0, 1, 3]), torch.tensor([[1, 4, 4], [1, 8, 8]]))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert s.shape == (1000, 3584)
+
+
+def test_select_visual_tokens_syncs_exactly_once():
+    grid = torch.tensor([[1, 72, 72]] * 4)
+    x = torch.randn(4 * 1296, 256, device="cuda", dtype=torch.bfloat16)
+    boxes = torch.tensor([[0.1, 0.1, 0.9, 0.9]] * 4, device="cuda")
+    offsets = torch.arange(5)
+    for fuse in (True, False):
+        assert _count_syncs(lambda: select_visual_tokens(x, boxes, offsets, grid, fuse=fuse)) == 1
+
+
+def _run_child(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+
+
+def test_out_of_range_index_is_a_device_error():
+    r = _run_child("""
+        import torch, tsparse
+        x = torch.randn(10, 64, device="cuda")
+        y = tsparse.ops.gather_tokens(x, torch.tensor([1, 10], device="cuda"))
+        torch.cuda.synchronize()
+    """)
+    assert r.returncode != 0
+    assert "gather_tokens" in r.stdout + r.stderr and "out of range" in r.stdout + r.stderr
+
+
+def test_duplicate_index_under_unique_promise_is_a_device_error():
+    r = _run_child("""
+        import torch, tsparse
+        x = torch.randn(10, 64, device="cuda", requires_grad=True)
+        y = tsparse.ops.gather_tokens(x, torch.tensor([1, 1], device="cuda"))
+        torch.cuda.synchronize()
+    """)
+    assert r.returncode != 0 and "more than once" in r.stdout + r.stderr
+    r = _run_child("""
+        import torch, tsparse
+        out = tsparse.ops.scatter_tokens(torch.randn(2, 8, device="cuda"), torch.tensor([3, 3], device="cuda"), 5)
+        torch.cuda.synchronize()
+    """)
+    assert r.returncode != 0 and "scatter_tokens" in r.stdout + r.stderr
+
+
+def test_cuda_matches_cpu_bitwise_for_masks_and_copies():
+    grid = torch.tensor([[1, 72, 72], [2, 36, 48]])
+    boxes = torch.rand(5, 4) * 0.5
+    boxes[:, 2:] += 0.5
+    offsets = torch.tensor([0, 3, 5])
+    k_cpu, c_cpu = box_to_patch_mask(boxes, offsets, grid, margin=0.5)
+    k_gpu, c_gpu = box_to_patch_mask(boxes.cuda(), offsets, grid, margin=0.5)
+    assert torch.equal(k_cpu, k_gpu.cpu()) and torch.equal(c_cpu, c_gpu.cpu())
