@@ -788,3 +788,33 @@ def test_extension_contains_sm90a_code():
     if "9.0a" in archs:
         assert "sm_90a" in listing, listing
     assert ".cubin" in listing
+
+
+def test_eager_fusion_baseline_agrees(device):
+    """The benchmark baseline does the same work as the op (same assignment and pooling)."""
+    x, keep, offsets = random_fusion_case(device, torch.float64, num_images=5, d=12)
+    y, assign = fuse_tokens(x, keep, offsets)
+    y_e, assign_e = ref.fuse_tokens_eager(x, keep, offsets)
+    assert torch.equal(assign, assign_e)
+    torch.testing.assert_close(y, y_e.to(y.dtype), atol=1e-5, rtol=1e-5)
+
+
+def test_nvtx_ranges_wrap_ops_when_enabled():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, tsparse, tsparse._nvtx as n\n"
+        "from tsparse.ops import gather_tokens, select_visual_tokens\n"
+        "assert n.ENABLED\n"
+        "assert hasattr(gather_tokens, '__wrapped__')\n"
+        "x = torch.randn(8, 4)\n"
+        "assert torch.equal(gather_tokens(x, torch.tensor([1, 2])), x[[1, 2]])\n"
+        "sel = select_visual_tokens(torch.randn(4, 3), torch.tensor([[0., 0., .5, .5]]), torch.tensor([0, 1]), torch.tensor([[1, 4, 4]]))\n"
+        "assert sel.embeds.shape[0] == 1\n"
+    )
+    env = dict(os.environ, TSPARSE_NVTX="1")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    from tsparse.ops import gather_tokens as g
+
+    assert not hasattr(g, "__wrapped__")  # disabled by default: no wrapper at all

@@ -143,14 +143,15 @@ def fuse_tokens_eager(x: Tensor, keep: Tensor, token_offsets: Sequence[int]) -> 
     normalize / matmul / argmax / index_add, fp32 math): the baseline the benchmarks compare
     :func:`tsparse.ops.fuse_tokens` with."""
     n, d = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     assign = torch.full((n,), -1, dtype=torch.int64, device=x.device)
     k = int(keep.sum())
-    sums = torch.zeros(k, d, dtype=torch.float32, device=x.device)
-    counts = torch.zeros(k, dtype=torch.float32, device=x.device)
+    sums = torch.zeros(k, d, dtype=acc, device=x.device)
+    counts = torch.zeros(k, dtype=acc, device=x.device)
     out_row = 0
     for i in range(len(token_offsets) - 1):
         a, b = int(token_offsets[i]), int(token_offsets[i + 1])
-        xi = x[a:b].float()
+        xi = x[a:b].to(acc)
         ki = keep[a:b]
         kept = ki.nonzero().reshape(-1)
         nk = kept.numel()
@@ -165,6 +166,6 @@ def fuse_tokens_eager(x: Tensor, keep: Tensor, token_offsets: Sequence[int]) -> 
         rows = local + out_row
         assign[a:b] = rows
         sums.index_add_(0, rows, xi)
-        counts.index_add_(0, rows, torch.ones(b - a, device=x.device))
+        counts.index_add_(0, rows, torch.ones(b - a, dtype=acc, device=x.device))
         out_row += nk
     return (sums / counts.clamp_min(1)[:, None]).to(x.dtype), assign

@@ -459,15 +459,17 @@ bool vec16_ok(int64_t cols, int64_t stride, const void* a, const void* b) {
 
 // ---------------------------------------------------------------------------------
 void compose_rows(const ComposeRowsArgs& a, cudaStream_t stream) {
-  if (a.out_rows <= 0 || a.cols <= 0) {
+  // The inverse map is preset first: it must be valid even when there is nothing to move.
+  if (a.inverse != nullptr && a.src_rows > 0) {
+    cudaMemsetAsync(a.inverse, 0xff, size_t(a.src_rows) * sizeof(int32_t), stream);
+  }
+  if (a.out_rows <= 0) return;
+  if (a.cols <= 0) {
     // No data to move (D == 0), but indices are still checked and the inverse map built.
-    if (a.out_rows > 0 && (a.inverse != nullptr || !a.negative_means_fill)) {
+    if (a.inverse != nullptr || !a.negative_means_fill) {
       build_inverse(a.map, a.map_is_int64, a.out_rows, a.inverse, a.src_rows, a.op, stream);
     }
     return;
-  }
-  if (a.inverse != nullptr && a.src_rows > 0) {
-    cudaMemsetAsync(a.inverse, 0xff, size_t(a.src_rows) * sizeof(int32_t), stream);
   }
   if (a.scale == nullptr) {
     const int64_t esize = elem_size(a.dtype);
