@@ -50,6 +50,18 @@ TORCH_LIBRARY(tsparse, m) {
   m.def("segment_reduce_rows(Tensor src, Tensor perm, Tensor offsets, bool mean) -> Tensor");
   // Internal: float32 [rows] = 1 / max(||x[r]||, eps)
   m.def("row_inv_norms(Tensor x, float eps) -> Tensor");
+
+  // ---- varlen packing (tsparse/ops/varlen.py) ----
+  // Kept set = attention_mask & keep. seqlens: int32 [B]; cu_seqlens: int32 [B + 1].
+  m.def("varlen_seqlens(Tensor attention_mask, Tensor? keep) -> (Tensor seqlens, Tensor cu_seqlens)");
+  // One pass over the masks: indices int64 [total], inverse int32 [B*L] (-1: not kept), and
+  // when given, packed int64 input_ids [total], rolled labels [total], position rows [C, total].
+  m.def(
+      "varlen_pack(Tensor attention_mask, Tensor? keep, Tensor cu_seqlens, int total, "
+      "Tensor? input_ids, Tensor? position_ids) -> (Tensor indices, Tensor inverse, "
+      "Tensor input_ids, Tensor labels, Tensor position_ids)");
+  // Packed rows x[indices] (any dtype); differentiable: the backward scatters through `inverse`.
+  m.def("varlen_gather(Tensor x, Tensor indices, Tensor inverse) -> Tensor");
 }
 
 namespace {

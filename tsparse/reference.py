@@ -169,3 +169,55 @@ def fuse_tokens_eager(x: Tensor, keep: Tensor, token_offsets: Sequence[int]) -> 
         counts.index_add_(0, rows, torch.ones(b - a, dtype=acc, device=x.device))
         out_row += nk
     return (sums / counts.clamp_min(1)[:, None]).to(x.dtype), assign
+
+
+# --------------------------------------------------------------------------------------
+# Variable-length packing
+
+
+def pack_varlen_ref(x: Tensor, attention_mask: Tensor, keep: Optional[Tensor] = None):
+    """Reference of :func:`tsparse.ops.pack_varlen` (nonzero + gather, as flash-attn / verl do):
+    returns (values, indices, cu_seqlens, max_seqlen, seqlens)."""
+    mask = attention_mask.bool()
+    if keep is not None:
+        mask = mask & keep
+    seqlens = mask.sum(dim=-1, dtype=torch.int32)
+    cu = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
+    b, l = mask.shape
+    values = x.reshape(b * l, *x.shape[2:])[indices]
+    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
+    return values, indices, cu, max_seqlen, seqlens
+
+
+def unpack_varlen_ref(values: Tensor, indices: Tensor, batch: int, seqlen: int, fill=0) -> Tensor:
+    """Reference of :func:`tsparse.ops.unpack_varlen` (full + index_put)."""
+    out = values.new_full((batch * seqlen, *values.shape[1:]), fill)
+    out = out.index_put((indices,), values)
+    return out.reshape(batch, seqlen, *values.shape[1:])
+
+
+def pack_batch_ref(input_ids: Tensor, attention_mask: Tensor, position_ids: Optional[Tensor] = None,
+                   keep: Optional[Tensor] = None):
+    """Reference of :func:`tsparse.ops.pack_batch`, written the way verl's remove-padding path
+    does it: (ids [1, nnz], positions [C, 1, nnz] or [1, nnz], labels = roll(ids, -1), indices,
+    cu_seqlens)."""
+    ids, indices, cu, _, _ = pack_varlen_ref(input_ids, attention_mask, keep)
+    ids = ids.reshape(1, -1)
+    labels = torch.roll(ids, shifts=-1, dims=1)
+    pos = None
+    if position_ids is not None:
+        if position_ids.dim() == 2:
+            pos = position_ids.reshape(1, -1)[:, indices]
+        else:
+            pos = position_ids.reshape(position_ids.shape[0], -1)[:, indices].unsqueeze(1)
+    return ids, pos, labels, indices, cu
+
+
+def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
+    """What verl's ``prepare_fa2_from_position_ids`` derives inside attention: a new sequence
+    starts wherever the (first row of the) packed position ids is 0."""
+    p = position_ids[0] if position_ids.dim() == 3 else position_ids
+    p = p.reshape(-1)
+    starts = (p == 0).nonzero().reshape(-1).to(torch.int32)
+    return torch.cat([starts, torch.tensor([p.numel()], dtype=torch.int32, device=p.device)])

@@ -17,9 +17,10 @@ inline bool is_row_dtype(c10::ScalarType t) {
   return t == c10::kFloat || t == c10::kHalf || t == c10::kBFloat16 || t == c10::kDouble;
 }
 
-// [rows, D] floating tensor whose rows the kernels can address with a row stride.
-inline void check_rows(const at::Tensor& t, const char* op, const char* arg) {
-  TORCH_CHECK_TYPE(is_row_dtype(t.scalar_type()), "tsparse.", op, ": `", arg,
+// [rows, D] tensor whose rows the kernels can address with a row stride. Row COPIES work for
+// any dtype (`any_dtype`); ops that compute on the values need float32/16, bfloat16 or float64.
+inline void check_rows(const at::Tensor& t, const char* op, const char* arg, bool any_dtype = false) {
+  TORCH_CHECK_TYPE(any_dtype || is_row_dtype(t.scalar_type()), "tsparse.", op, ": `", arg,
                    "` must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 2, "tsparse.", op, ": `", arg,
                     "` must be 2-D [rows, D], got shape ", t.sizes());

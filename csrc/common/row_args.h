@@ -19,7 +19,7 @@ struct GatherPrep {
 
 inline GatherPrep prep_gather(const at::Tensor& x, const at::Tensor& index, bool build_inverse) {
   constexpr const char* op = "gather_tokens";
-  check_rows(x, op, "x");
+  check_rows(x, op, "x", /*any_dtype=*/true);
   check_index_tensor(index, op, "index");
   check_same_device(index, x, op, "index", "x");
   if (build_inverse) check_int32_rows(index.size(0), op, "index");
@@ -35,7 +35,7 @@ struct ScatterPrep {
 inline ScatterPrep prep_scatter(const at::Tensor& src, const at::Tensor& index, int64_t num_rows,
                                 const c10::optional<at::Tensor>& fill) {
   constexpr const char* op = "scatter_tokens";
-  check_rows(src, op, "src");
+  check_rows(src, op, "src", /*any_dtype=*/true);
   check_index_tensor(index, op, "index");
   check_same_device(index, src, op, "index", "src");
   TORCH_CHECK_VALUE(index.size(0) == src.size(0), "tsparse.", op, ": `index` has ", index.size(0),
@@ -44,7 +44,7 @@ inline ScatterPrep prep_scatter(const at::Tensor& src, const at::Tensor& index, 
   check_int32_rows(src.size(0), op, "src");
   ScatterPrep p{rows_view(src), index.contiguous(), at::Tensor()};
   if (fill.has_value()) {
-    check_rows(*fill, op, "fill");
+    check_rows(*fill, op, "fill", /*any_dtype=*/true);
     check_same_device(*fill, src, op, "fill", "src");
     TORCH_CHECK_TYPE(fill->scalar_type() == src.scalar_type(), "tsparse.", op,
                      ": `fill` has dtype ", fill->scalar_type(), " but `src` has ",
@@ -74,13 +74,14 @@ inline ComposePrep prep_compose(const c10::optional<at::Tensor>& src, const at::
   check_index_tensor(row_map, op, "row_map");
   ComposePrep p;
   p.row_map = row_map.contiguous();
+  const bool copy_only = !row_scale.has_value();
   if (src.has_value()) {
-    check_rows(*src, op, "src");
+    check_rows(*src, op, "src", copy_only);
     check_same_device(row_map, *src, op, "row_map", "src");
     p.src = rows_view(*src);
   }
   if (fill.has_value()) {
-    check_rows(*fill, op, "fill");
+    check_rows(*fill, op, "fill", copy_only);
     check_same_device(row_map, *fill, op, "row_map", "fill");
     TORCH_CHECK_VALUE(fill->size(0) == row_map.size(0), "tsparse.", op,
                       ": `fill` must have one row per `row_map` entry (", row_map.size(0),

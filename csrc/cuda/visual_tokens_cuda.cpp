@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> gather_rows_cuda(const at::Tensor& x_in,
   a.map_is_int64 = p.index.scalar_type() == at::kLong;
   a.negative_means_fill = false;
   a.inverse = build_inverse ? inverse.data_ptr<int32_t>() : nullptr;
-  a.dtype = to_dtype(p.x.scalar_type());
+  a.elem_bytes = p.x.element_size();
   a.op = cuda::OpTag::kGatherTokens;
   cuda::compose_rows(a, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> scatter_rows_cuda(const at::Tensor& src_in,
   a.negative_means_fill = true;
   a.fill = p.fill.defined() ? p.fill.data_ptr() : nullptr;
   a.fill_stride = p.fill.defined() ? row_stride(p.fill) : 0;
-  a.dtype = to_dtype(p.src.scalar_type());
+  a.elem_bytes = p.src.element_size();
   a.op = cuda::OpTag::kScatterTokens;
   cuda::compose_rows(a, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -150,7 +150,8 @@ at::Tensor compose_rows_cuda(const c10::optional<at::Tensor>& src_in, const at::
     a.fill_stride = row_stride(p.fill);
   }
   a.scale = p.scale.defined() ? p.scale.data_ptr<float>() : nullptr;
-  a.dtype = to_dtype(p.ref.scalar_type());
+  a.elem_bytes = p.ref.element_size();
+  if (a.scale != nullptr) a.dtype = to_dtype(p.ref.scalar_type());
   a.op = cuda::OpTag::kInternal;
   cuda::compose_rows(a, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

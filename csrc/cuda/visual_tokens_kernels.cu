@@ -429,15 +429,6 @@ void dispatch_compose_copy(const ComposeRowsArgs& a, int64_t esize, cudaStream_t
   return launch_compose_copy<uint8_t, IndexT>(a, esize, stream);
 }
 
-int64_t elem_size(DType d) {
-  switch (d) {
-    case DType::kFloat16:
-    case DType::kBFloat16: return 2;
-    case DType::kFloat64: return 8;
-    default: return 4;
-  }
-}
-
 // Calls f.template operator()<T>() for the element type of `d`.
 template <typename F>
 void dispatch_dtype(DType d, F&& f) {
@@ -472,7 +463,7 @@ void compose_rows(const ComposeRowsArgs& a, cudaStream_t stream) {
     return;
   }
   if (a.scale == nullptr) {
-    const int64_t esize = elem_size(a.dtype);
+    const int64_t esize = a.elem_bytes;
     if (a.map_is_int64) {
       dispatch_compose_copy<int64_t>(a, esize, stream);
     } else {

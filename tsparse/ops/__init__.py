@@ -3,11 +3,15 @@
 One module per op family:
   * :mod:`tsparse.ops.visual_tokens` - box-to-patch mask, token gather/scatter, token fusion,
     select_visual_tokens.
+  * :mod:`tsparse.ops.varlen` - variable-length packing for flash attention (pack/unpack,
+    position ids, pack_batch, and flash_attn.bert_padding drop-ins).
 
 Every op is a ``torch.ops.tsparse`` op (schemas in ``csrc/ops.cpp``) with CPU and CUDA
 kernels, a fake kernel for torch.compile and autograd where values flow.
 """
 
+from . import varlen
+from .varlen import Packed, PackedBatch, pack_batch, pack_position_ids, pack_varlen, unpack_varlen
 from .visual_tokens import (
     SelectedTokens,
     box_to_patch_mask,
@@ -19,6 +23,13 @@ from .visual_tokens import (
 )
 
 __all__ = [
+    "varlen",
+    "Packed",
+    "PackedBatch",
+    "pack_batch",
+    "pack_position_ids",
+    "pack_varlen",
+    "unpack_varlen",
     "SelectedTokens",
     "box_to_patch_mask",
     "fuse_tokens",

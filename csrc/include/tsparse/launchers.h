@@ -49,7 +49,8 @@ struct ComposeRowsArgs {
   int64_t fill_stride = 0;
   const float* scale = nullptr;
   int32_t* inverse = nullptr;
-  DType dtype = DType::kFloat32;
+  int64_t elem_bytes = 4;            // element size: the copy path moves bytes, any dtype
+  DType dtype = DType::kFloat32;     // element type: used by the scaled path (floating only)
   OpTag op = OpTag::kInternal;
 };
 void compose_rows(const ComposeRowsArgs& args, cudaStream_t stream);

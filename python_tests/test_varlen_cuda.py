@@ -1,0 +1,69 @@
+"""CUDA-only behaviour of varlen packing: no host syncs with `total`/`max_seqlen` given, exactly
+one without, and a device-side error for a wrong `total`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from tsparse.ops import pack_batch, pack_varlen, unpack_varlen
+
+from conftest import requires_cuda
+
+pytestmark = [pytest.mark.cuda, requires_cuda]
+
+
+def _batch(b=16, l=512, h=256):
+    lengths = torch.randint(l // 2, l + 1, (b,))
+    mask = (torch.arange(l)[None, :] < lengths[:, None]).to(torch.int64).cuda()
+    keep = torch.rand(b, l, device="cuda") > 0.23
+    keep[:, 0] = True
+    ids = torch.randint(0, 152064, (b, l), device="cuda")
+    pos = torch.randint(0, 4096, (4, b, l), device="cuda")
+    x = torch.randn(b, l, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    return mask, keep, ids, pos, x
+
+
+def test_pack_with_total_makes_no_host_sync():
+    mask, keep, ids, pos, x = _batch()
+    kept = mask.bool() & keep
+    total, longest = int(kept.sum()), int(kept.sum(1).max())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        p = pack_varlen(x, mask, keep=keep, total=total, max_seqlen=longest)
+        p.values.float().sum().backward()
+        out = unpack_varlen(p.values, p.indices, *mask.shape)
+        batch = pack_batch(ids, mask, pos, keep=keep, total=total, max_seqlen=longest, inputs_embeds=x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert out.shape == x.shape and batch.input_ids.shape == (1, total)
+
+
+def test_pack_without_total_syncs_exactly_once():
+    mask, keep, ids, pos, x = _batch()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            pack_varlen(x, mask, keep=keep)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert sum("synchroniz" in str(w.message).lower() for w in caught) == 1
+
+
+def test_wrong_total_is_a_device_error():
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import torch, tsparse
+        m = torch.ones(2, 8, dtype=torch.bool, device="cuda")
+        tsparse.ops.pack_varlen(torch.randn(2, 8, 4, device="cuda"), m, total=5, max_seqlen=8)
+        torch.cuda.synchronize()
+    """)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "total" in r.stdout + r.stderr
