@@ -380,8 +380,11 @@ def test_gather_bad_inputs():
         gather_tokens(x, torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="index"):
         gather_tokens(x, torch.tensor([[0, 1]]))
-    with pytest.raises(TypeError, match="`x`"):
-        gather_tokens(x.long(), torch.tensor([0]))
+    # Row copies work for any dtype (ids, masks, positions).
+    xi = torch.randint(0, 9, (10, 3))
+    assert torch.equal(gather_tokens(xi, torch.tensor([4, 0])), xi[[4, 0]])
+    xb = torch.rand(10, 5) > 0.5
+    assert torch.equal(scatter_tokens(xb[:2], torch.tensor([7, 1]), 10), torch.zeros(10, 5, dtype=torch.bool).index_put((torch.tensor([7, 1]),), xb[:2]))
     with pytest.raises(ValueError, match="`x`"):
         gather_tokens(torch.randn(2, 3, 4), torch.tensor([0]))
     with pytest.raises(TypeError, match="`x`"):
