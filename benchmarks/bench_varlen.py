@@ -21,7 +21,7 @@ import torch
 from tsparse import reference as ref
 from tsparse.ops import pack_batch, pack_varlen, unpack_varlen
 
-from .common import Row, Timer
+from .common import Row, Timer, compiled
 
 SIZES = {
     "full": dict(batch=64, seqlen=4096, hidden=3584, image=1296),
@@ -106,6 +106,10 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
     t_b = timer(lambda: ref.unpack_varlen_ref(vals, idx, b, l))
     rows.append(Row("unpack_varlen hidden", shape, dt, t_o["median_ms"], "zeros + index_put", t_b["median_ms"],
                     gbytes=(total * h * e + b * l * h * e) / 1e9))
+    cfn = compiled(lambda v, i: ref.unpack_varlen_ref(v, i, b, l), vals, idx)
+    if cfn is not None:
+        rows.append(Row("unpack_varlen hidden", shape, dt, t_o["median_ms"], "torch.compile zeros+index_put",
+                        timer(cfn)["median_ms"], gbytes=(total * h * e + b * l * h * e) / 1e9))
     log("  unpack done")
 
     # pack backward (dense gradient in one kernel)
@@ -128,6 +132,10 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
     gb = (2 * total * h * e + total * 8 * (2 + 2 + 2 * 4)) / 1e9
     rows.append(Row("pack_batch (ids+pos+labels+hidden)", shape, dt, t_o["median_ms"], "verl-style torch",
                     t_b["median_ms"], gbytes=gb, note=_syncs_note(syncs)))
+    cfn = compiled(_verl_style_pack, ids, mask, pos, x, keep)
+    if cfn is not None:
+        rows.append(Row("pack_batch (ids+pos+labels+hidden)", shape, dt, t_o["median_ms"],
+                        "torch.compile verl-style", timer(cfn)["median_ms"], gbytes=gb))
     t_o = timer(lambda: pack_batch(ids, mask, pos, keep=keep, total=total, max_seqlen=longest))
     t_b = timer(lambda: _verl_style_pack(ids, mask, pos, x[:, :, :0], keep))
     rows.append(Row("pack_batch (ids+pos+labels)", shape, "int64", t_o["median_ms"], "verl-style torch",

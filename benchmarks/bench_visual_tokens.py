@@ -23,7 +23,7 @@ import torch
 from tsparse import reference as ref
 from tsparse.ops import box_to_patch_mask, fuse_tokens, gather_tokens, scatter_tokens, select_visual_tokens
 
-from .common import Row, Timer
+from .common import Row, Timer, compiled
 
 SIZES = {
     # images, grid side (patches), hidden, images for the mask benchmark
@@ -87,8 +87,10 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
         ("index_select", lambda: x.index_select(0, index)),
         ("x[index]", lambda: x[index]),
         ("torch.gather", lambda: torch.gather(x, 0, index[:, None].expand(-1, d))),
+        ("torch.compile x[index]", compiled(lambda a, i: a[i], x, index)),
     ]:
-        rows.append(Row("gather_tokens fwd", shape, dt, t_ours["median_ms"], name, timer(fn)["median_ms"], gbytes=gb))
+        if fn is not None:
+            rows.append(Row("gather_tokens fwd", shape, dt, t_ours["median_ms"], name, timer(fn)["median_ms"], gbytes=gb))
     log("  gather fwd done")
 
     # ---- gather backward (unique indices: one dense kernel) ----------------------------
@@ -104,6 +106,12 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
         t_b = timer(lambda: torch.autograd.grad(y, xg, grad, retain_graph=True))
         rows.append(Row("gather_tokens bwd", shape, dt, t_ours["median_ms"], name, t_b["median_ms"], gbytes=gb,
                         peak_mb=None if peak is None else peak / 2**20))
+    # The backward a compiler would emit for x[index]: a dense zero-filled scatter.
+    cbwd = compiled(lambda g, i: torch.zeros(n, d, dtype=g.dtype, device=g.device).index_put((i,), g, accumulate=True),
+                    grad, index)
+    if cbwd is not None:
+        rows.append(Row("gather_tokens bwd", shape, dt, t_ours["median_ms"], "torch.compile zeros+index_put",
+                        timer(cbwd)["median_ms"], gbytes=gb))
     del y_ours, y_ref, y_sel, grad
     log("  gather bwd done")
 
@@ -114,7 +122,10 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
     for name, fn in [
         ("index_put", lambda: x.index_put((index,), src)),
         ("clone+index_copy_", lambda: x.clone().index_copy_(0, index, src)),
+        ("torch.compile index_put", compiled(lambda a, i, s_: a.index_put((i,), s_), x, index, src)),
     ]:
+        if fn is None:
+            continue
         rows.append(Row("scatter_tokens fwd", shape, dt, t_ours["median_ms"], name, timer(fn)["median_ms"], gbytes=gb))
     zeros_t = timer(lambda: scatter_tokens(src, index, n))
     rows.append(Row("scatter_tokens fwd (zeros)", shape, dt, zeros_t["median_ms"], "zeros+index_copy_",

@@ -103,6 +103,27 @@ def measure_matmul_tflops(device: torch.device) -> float:
 
 
 # --------------------------------------------------------------------------------------
+# torch.compile baselines
+
+COMPILE = {"enabled": False}  # set by report.py (--compile; default on a GPU)
+
+
+def compiled(fn: Callable, *args):
+    """``torch.compile(fn)`` bound to ``args`` as a zero-argument callable (compiled on the
+    first call, which the Timer's warm-up absorbs), or None when compile baselines are off or
+    compiling fails (e.g. no C++ toolchain for the CPU backend)."""
+    if not COMPILE["enabled"]:
+        return None
+    try:
+        cfn = torch.compile(fn, dynamic=False)
+        cfn(*args)
+    except Exception as exc:  # a baseline that cannot be built is reported, not fatal
+        print(f"  torch.compile baseline unavailable: {type(exc).__name__}: {str(exc)[:120]}")
+        return None
+    return lambda: cfn(*args)
+
+
+# --------------------------------------------------------------------------------------
 # Report rows
 
 

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from . import bench_varlen, bench_visual_tokens
-from .common import Timer, environment, format_table, measure_copy_bandwidth, measure_matmul_tflops, save_json
+from .common import COMPILE, Timer, environment, format_table, measure_copy_bandwidth, measure_matmul_tflops, save_json
 
 FAMILIES = {
     "visual_tokens": bench_visual_tokens.run,
@@ -47,6 +47,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="comma-separated op families: " + ",".join(FAMILIES))
     p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement")
     p.add_argument("--json", default="bench_results/report.json")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="add torch.compile baselines (default on a GPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -54,6 +57,7 @@ def main(argv=None) -> int:
         _reexec_with_malloc_env(argv)
     size = args.size or ("full" if device.type == "cuda" else "cpu")
     iters = args.iters or (20 if device.type == "cuda" else 5)
+    COMPILE["enabled"] = device.type == "cuda" if args.compile is None else args.compile
     env = environment(device)
     print(f"tsparse benchmark report - {env['date']}")
     print(f"  device: {env.get('gpu') or env.get('cpu')}; torch {env['torch']}; size={size}")

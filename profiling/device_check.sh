@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared run on the GPU machine: build against ITS torch, run the CUDA tests and the
-# GPU benchmarks, write everything under $OUT, print a short summary last.
+# One prepared run on the GPU machine: build against ITS torch, run the CUDA tests, a
+# compute-sanitizer pass (memcheck + racecheck) over every kernel, the benchmark report and
+# Nsight Compute summaries; write everything under $OUT, print a short summary last.
 #
 # From a session lent a GPU (device tool), with the CUTLASS wheel carried in .whl/ (see
 # profiling/NOTES.md for the recipe):
@@ -8,10 +9,12 @@
 # Locally (no GPU) it stops after the build with a clear message.
 #
 # Files under $OUT (the device tool returns at most 8, two folders deep):
-#   summary.txt  environment, build line, test counts, the benchmark table
-#   build.log    compiler output          tests.log   pytest output (CUDA tests)
-#   bench.txt    benchmark report         report.json benchmark rows (JSON)
-# Budget: build ~1-2 min (16 cores), tests ~1-2 min, benchmarks ~1-2 min: well inside 8 min.
+#   summary.txt    environment, build line, test counts, sanitizer verdicts, ncu table, bench table
+#   build.log      compiler output            tests.log    pytest output (CUDA tests)
+#   sanitizer.log  memcheck + racecheck       bench.txt    benchmark report
+#   report.json    benchmark rows (JSON)      ncu.csv / ncu.err  Nsight Compute raw metrics
+# Budget (per-phase timeouts, overridable): build ~90 s on 16 cores, tests 120 s, sanitizer
+# 2 x 60 s, benchmarks 150 s, ncu 60 s: under 8 minutes in all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.device_out}
@@ -23,8 +26,11 @@ summary="$OUT/summary.txt"
 say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$summary"; }
 
 # Phase budgets (seconds); overridable for a rerun that only needs part of the work.
-TEST_TIMEOUT=${TEST_TIMEOUT:-200}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
+TEST_TIMEOUT=${TEST_TIMEOUT:-120}
+SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-130}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
+NCU_TIMEOUT=${NCU_TIMEOUT:-60}
+SKIP=${SKIP:-}   # e.g. SKIP="sanitizer ncu" for a rerun that needs only part of the work
 
 say "device_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 || echo "no nvidia-smi"; } | tee -a "$summary"
@@ -54,7 +60,9 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   exit 2
 fi
 
+rc_tests=0; rc_san=0; rc_bench=0; rc_ncu=0
 # ---- CUDA tests (the CPU variants ran in CI; -m cuda selects the GPU ones) ---------------
+if [[ " $SKIP " != *" tests "* ]]; then
 say "CUDA tests (timeout ${TEST_TIMEOUT}s)"
 timeout "$TEST_TIMEOUT" "$PY" -m pytest python_tests -m cuda -q -p no:cacheprovider \
   --junitxml="$OUT/tests-junit.xml" > "$OUT/tests.log" 2>&1
@@ -74,15 +82,41 @@ for case in root.iter("testcase"):
         print("  FAILED", case.get("classname"), case.get("name"), "-", (bad.get("message") or "")[:160])
 PY
 rm -f "$OUT/tests-junit.xml"  # its content is in summary.txt; keep the file count low
+fi
+
+# ---- compute-sanitizer: memcheck + racecheck over every kernel (small shapes) ------------
+if [[ " $SKIP " != *" sanitizer "* ]]; then
+  if command -v compute-sanitizer > /dev/null; then
+    say "compute-sanitizer (timeout ${SANITIZER_TIMEOUT}s)"
+    timeout "$SANITIZER_TIMEOUT" bash profiling/run_sanitizer.sh "$OUT/sanitizer.log" 2>&1 | tee -a "$summary"
+    rc_san=${PIPESTATUS[0]}
+    say "sanitizer rc=$rc_san (0: no findings)"
+  else
+    say "compute-sanitizer not found: skipped"
+  fi
+fi
 
 # ---- benchmarks -----------------------------------------------------------------------
+if [[ " $SKIP " != *" bench "* ]]; then
 say "benchmarks (timeout ${BENCH_TIMEOUT}s)"
 timeout "$BENCH_TIMEOUT" "$PY" -m benchmarks.report --device cuda --size full --json "$OUT/report.json" \
   > "$OUT/bench.txt" 2>&1
 rc_bench=$?
 [ $rc_bench -ne 0 ] && say "benchmarks exited with $rc_bench (see bench.txt)"
+fi
 
-say "done: tests rc=$rc_tests bench rc=$rc_bench"
+# ---- Nsight Compute: one launch of each kernel at realistic shapes ------------------------
+if [[ " $SKIP " != *" ncu "* ]]; then
+  if command -v ncu > /dev/null; then
+    say "ncu (timeout ${NCU_TIMEOUT}s)"
+    timeout "$NCU_TIMEOUT" bash profiling/run_ncu.sh "$OUT/ncu.csv" 2>&1 | tee -a "$summary"
+    rc_ncu=${PIPESTATUS[0]}
+  else
+    say "ncu not found: skipped"
+  fi
+fi
+
+say "done: tests rc=$rc_tests sanitizer rc=$rc_san bench rc=$rc_bench ncu rc=$rc_ncu"
 echo
-sed -n '/^op /,$p' "$OUT/bench.txt" | tee -a "$summary"
-exit $(( rc_tests != 0 || rc_bench != 0 ))
+[ -f "$OUT/bench.txt" ] && sed -n '/^op /,$p' "$OUT/bench.txt" | tee -a "$summary"
+exit $(( rc_tests != 0 || rc_san != 0 || rc_bench != 0 ))

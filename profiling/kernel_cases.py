@@ -1,0 +1,139 @@
+"""Every tsparse kernel, exercised once, for Nsight Compute and compute-sanitizer.
+
+    python profiling/kernel_cases.py --mode ncu        # realistic shapes, warm-up first, then
+                                                     # ONE call of each op between
+                                                     # cudaProfilerStart/Stop (ncu
+                                                     # --profile-from-start off)
+    python profiling/kernel_cases.py --mode sanitize   # small shapes, forward + backward of
+                                                     # every op, for memcheck / racecheck
+    python profiling/kernel_cases.py --list            # the case names
+
+Each case is a (name, function) pair; the families register theirs in CASES below. On a
+machine without a GPU the script runs the same calls on the CPU (useful to check it works).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+import torch
+
+import tsparse
+from tsparse.ops import (
+    box_to_patch_mask,
+    fuse_tokens,
+    gather_tokens,
+    pack_batch,
+    pack_varlen,
+    scatter_tokens,
+    select_visual_tokens,
+    unpack_varlen,
+)
+
+Case = tuple[str, Callable[[], object]]
+
+
+def visual_token_cases(device: torch.device, small: bool) -> list[Case]:
+    images, side, hidden = (3, 16, 40) if small else (64, 72, 3584)
+    grid = torch.tensor([[1, side, side]] * images)
+    lo = torch.rand(images, 2) * 0.12
+    boxes = torch.cat([lo, lo + 0.877], dim=1).to(device)
+    box_offsets = torch.arange(images + 1)
+    n = images * (side // 2) ** 2
+    x = torch.randn(n, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    keep, counts = box_to_patch_mask(boxes, box_offsets, grid)
+    index = keep.nonzero().reshape(-1)
+    offsets = [i * (side // 2) ** 2 for i in range(images + 1)]
+    kept_counts = counts.tolist()
+    src = x.detach()[index].contiguous()
+
+    def gather_fwd_bwd():
+        y = gather_tokens(x, index)
+        y.backward(torch.ones_like(y))
+
+    def gather_dup_bwd():
+        y = gather_tokens(x, torch.cat([index, index[: index.numel() // 4]]), unique_index=False)
+        y.backward(torch.ones_like(y))
+
+    def fuse_fwd_bwd():
+        y, _ = fuse_tokens(x, keep, offsets, kept_counts=kept_counts)
+        y.backward(torch.ones_like(y))
+
+    mask_grid = torch.tensor([[1, side, side]] * (4 * images))
+    mask_boxes = torch.rand(4 * images, 4, device=device) * 0.5
+    mask_boxes[:, 2:] += 0.5
+    return [
+        ("box_to_patch_mask", lambda: box_to_patch_mask(mask_boxes, torch.arange(4 * images + 1), mask_grid)),
+        ("gather_tokens fwd+bwd", gather_fwd_bwd),
+        ("gather_tokens duplicates bwd", gather_dup_bwd),
+        ("scatter_tokens fill", lambda: scatter_tokens(src, index, n, fill=x.detach())),
+        ("fuse_tokens fwd+bwd", fuse_fwd_bwd),
+        ("select_visual_tokens", lambda: select_visual_tokens(x.detach(), boxes, box_offsets, grid)),
+    ]
+
+
+def varlen_cases(device: torch.device, small: bool) -> list[Case]:
+    b, l, h = (3, 100, 24) if small else (64, 4096, 3584)
+    lengths = torch.randint(int(l * 0.6), l + 1, (b,))
+    mask = (torch.arange(l)[None, :] < lengths[:, None]).long().to(device)
+    keep = torch.rand(b, l, device=device) > 0.23
+    keep[:, 0] = True
+    ids = torch.randint(0, 152064, (b, l), device=device)
+    pos = torch.randint(0, 4096, (4, b, l), device=device)
+    x = torch.randn(b, l, h, device=device, dtype=torch.bfloat16, requires_grad=True)
+    kept = mask.bool() & keep
+    total, longest = int(kept.sum()), int(kept.sum(1).max())
+
+    def pack_fwd_bwd():
+        p = pack_varlen(x, mask, keep=keep, total=total, max_seqlen=longest)
+        p.values.backward(torch.ones_like(p.values))
+
+    p = pack_varlen(x.detach(), mask, keep=keep, total=total, max_seqlen=longest)
+    return [
+        ("pack_varlen fwd+bwd", pack_fwd_bwd),
+        ("unpack_varlen", lambda: unpack_varlen(p.values, p.indices, b, l)),
+        ("pack_batch", lambda: pack_batch(ids, mask, pos, keep=keep, total=total, max_seqlen=longest,
+                                          inputs_embeds=x.detach())),
+    ]
+
+
+CASES: dict[str, Callable[[torch.device, bool], list[Case]]] = {
+    "visual_tokens": visual_token_cases,
+    "varlen": varlen_cases,
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["ncu", "sanitize"], default="sanitize")
+    p.add_argument("--only", default=None, help="comma-separated families: " + ",".join(CASES))
+    p.add_argument("--list", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if tsparse.cuda_kernels_available() else "cpu")
+    small = args.mode == "sanitize"
+    families = args.only.split(",") if args.only else list(CASES)
+    cases = [c for fam in families for c in CASES[fam](device, small)]
+    if args.list:
+        print("\n".join(name for name, _ in cases))
+        return 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if args.mode == "ncu":
+        for _, fn in cases:  # warm-up: allocator, cuBLAS handles, lazy module loading
+            fn()
+        sync()
+        if device.type == "cuda":
+            torch.cuda.profiler.start()
+    for name, fn in cases:
+        fn()
+        sync()
+        print(f"ran {name}", flush=True)
+    if args.mode == "ncu" and device.type == "cuda":
+        torch.cuda.profiler.stop()
+    print(f"kernel_cases: {len(cases)} cases on {device} ({args.mode})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
