@@ -1,0 +1,1 @@
+"""The dual-stream method (placeholder for the package docstring; replaced below)."""
