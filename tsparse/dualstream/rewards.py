@@ -320,9 +320,17 @@ def _weights(weights: Optional[Union[RewardWeights, Mapping]]) -> RewardWeights:
 
 
 @functools.lru_cache(maxsize=1)
+def _default_config():
+    return load_method_config()
+
+
 def default_reward_weights() -> RewardWeights:
     """The reward weights of ``configs/dualstream.yaml`` (read once)."""
-    return load_method_config().rewards
+    return _default_config().rewards
+
+
+def _max_boxes(max_boxes: Optional[int]) -> int:
+    return _default_config().format.max_boxes if max_boxes is None else max_boxes
 
 
 def localization_reward(
@@ -331,14 +339,16 @@ def localization_reward(
     *,
     cross_accuracy: Optional[float] = None,
     weights: Optional[Union[RewardWeights, Mapping]] = None,
-    max_boxes: int = 4,
+    max_boxes: Optional[int] = None,
 ) -> RewardBreakdown:
     """Reward of a localization response: ``w_format * format + w_iou * IoU + w_accuracy *
     accuracy + w_cross * cross_accuracy`` (the last only when ``cross_accuracy`` is given:
     the mean accuracy of this rollout's sparse rollouts). Boxes for the IoU come from the
     tolerant parser (at most ``max_boxes``). ``ground_truth``: anything
-    :meth:`GroundTruth.coerce` takes. ``weights``: default ``configs/dualstream.yaml``."""
+    :meth:`GroundTruth.coerce` takes. ``weights`` and ``max_boxes`` (the strict format's
+    limit too) default to ``configs/dualstream.yaml``."""
     gt = GroundTruth.coerce(ground_truth)
+    max_boxes = _max_boxes(max_boxes)
     w = _weights(weights).localization
     fmt = format_reward(text, "localization", max_boxes=max_boxes)
     parsed = parse_boxes(text, max_boxes=max_boxes)
@@ -411,7 +421,7 @@ def score_dual_stream(
     sparse_texts: Optional[Sequence[Sequence[Sequence[str]]]] = None,
     *,
     weights: Optional[Union[RewardWeights, Mapping]] = None,
-    max_boxes: int = 4,
+    max_boxes: Optional[int] = None,
 ) -> DualStreamScores:
     """Scores a batch of two-level rollouts with cross-feedback.
 
@@ -491,7 +501,8 @@ def compute_score(
             ``"sparse"``), ``cross_accuracy`` (the other stream's accuracy when known),
             ``bbox``/``options`` when not in ``ground_truth``.
         **kwargs: ``weights`` (a mapping like ``configs/dualstream.yaml``'s ``rewards``),
-            ``max_boxes`` (default 4), ``stream`` (overrides ``extra_info``).
+            ``max_boxes`` (default: ``format.max_boxes`` of the config), ``stream`` (overrides
+            ``extra_info``).
 
     Returns ``{"score", "format", "iou", "accuracy", "cross_accuracy"}`` (floats; terms not
     computed are 0.0), as verl's reward managers expect. ``ValueError`` for an unknown stream.
@@ -505,7 +516,7 @@ def compute_score(
     weights = kwargs.get("weights")
     if stream == "localization":
         res = localization_reward(solution_str, gt, cross_accuracy=cross, weights=weights,
-                                  max_boxes=int(kwargs.get("max_boxes", 4)))
+                                  max_boxes=kwargs.get("max_boxes"))
     else:
         res = sparse_reward(solution_str, gt, cross_accuracy=cross, weights=weights)
     return {k: float(v) for k, v in res.terms().items()}
