@@ -19,7 +19,9 @@ from tsparse.dualstream.data import (
     load_vitar_json,
     parse_options,
     render_synthetic_sample,
+    warmup_response,
 )
+from tsparse.dualstream.format import check_localization_format, check_sparse_format, parse_boxes
 
 SMALL = SyntheticScanConfig(image_size=112, splits={"train": 6, "val": 2})
 
@@ -230,3 +232,21 @@ def test_build_messages():
         build_messages(VQASample("w", ("a.png",), "<image><image>", "A"), prompts.sparse)
     with pytest.raises(TypeError, match="prompt"):
         build_messages(s, {"system": ""})
+
+
+def test_warmup_response_targets_pass_the_strict_format(tmp_path):
+    paths = ensure_synthetic_scans(tmp_path, SMALL)
+    for s in load_vitar_json(paths["train"]):
+        loc = warmup_response(s, "localization")
+        assert check_localization_format(loc).ok and s.meta["rationale"] in loc
+        assert parse_boxes(loc).boxes == tuple(tuple(round(v, 2) for v in b) for b in s.boxes)
+        assert loc.endswith(f"<answer>{s.answer}</answer>")
+        assert check_sparse_format(warmup_response(s, "sparse")).ok
+    plain = VQASample("p", ("a.png",), "q", "B")
+    with pytest.raises(ValueError, match="rationale"):
+        warmup_response(plain, "sparse")
+    with pytest.raises(ValueError, match="no box"):
+        warmup_response(plain, "localization", reasoning="r")
+    assert warmup_response(plain, "sparse", reasoning="r") == "<think>r</think><answer>B</answer>"
+    with pytest.raises(ValueError, match="stream"):
+        warmup_response(plain, "dense", reasoning="r")

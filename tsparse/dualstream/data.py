@@ -31,6 +31,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from .config import StreamPrompt, load_yaml
+from .format import format_localization_response, format_sparse_response
 
 __all__ = [
     "VQASample",
@@ -38,6 +39,7 @@ __all__ = [
     "load_vitar_json",
     "load_images",
     "build_messages",
+    "warmup_response",
     "SyntheticScanConfig",
     "render_synthetic_sample",
     "generate_synthetic_scans",
@@ -257,6 +259,31 @@ def build_messages(sample: VQASample, prompt: StreamPrompt) -> list[dict]:
         messages.append({"role": "system", "content": [{"type": "text", "text": prompt.system}]})
     messages.append({"role": "user", "content": content})
     return messages
+
+
+def warmup_response(
+    sample: VQASample, stream: str, *, reasoning: Optional[str] = None, decimals: int = 2
+) -> str:
+    """The supervised warm-up (stage 0) target of a sample in ``stream``'s format.
+
+    ``<think>reasoning</think><box>[[...]]</box><answer>letter</answer>`` for
+    ``"localization"`` (the sample's boxes; it must have at least one), ``<think>reasoning
+    </think><answer>letter</answer>`` for ``"sparse"``. ``reasoning`` defaults to the sample's
+    ``meta["rationale"]`` (the synthetic dataset writes one); ``ValueError`` naming the sample
+    when there is none, or when a localization target has no box.
+    """
+    if not isinstance(sample, VQASample):
+        raise TypeError(f"`sample` must be a VQASample, got {type(sample).__name__}")
+    text = reasoning if reasoning is not None else sample.meta.get("rationale")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"sample {sample.id!r}: no `reasoning` given and no 'rationale' field")
+    if stream == "localization":
+        if not sample.boxes:
+            raise ValueError(f"sample {sample.id!r} has no box for a localization target")
+        return format_localization_response(text, sample.boxes, sample.answer, decimals=decimals)
+    if stream == "sparse":
+        return format_sparse_response(text, sample.answer)
+    raise ValueError(f"`stream` must be 'localization' or 'sparse', got {stream!r}")
 
 
 # --------------------------------------------------------------------------------------
