@@ -16,6 +16,7 @@ from tsparse.dualstream.models import build_tiny  # noqa: E402
 from tsparse.dualstream.pruning import (  # noqa: E402
     SparseInputs,
     extend_sparse_inputs,
+    repeat_samples,
     sparse_generate,
     sparse_stream_inputs,
 )
@@ -246,6 +247,41 @@ def test_extend_with_padded_responses(tiny_vl, synthetic_samples):
         extend_sparse_inputs(model, sp, tokens, torch.tensor([[1, 1, 1], [0, 1, 1]]))
     with pytest.raises(ValueError, match="token_ids"):
         extend_sparse_inputs(model, sp, tokens[:1])
+
+
+def test_repeat_samples_then_prune_equals_pruning_each_copy(tiny_vl, synthetic_samples):
+    """One sparse prompt per localization rollout: repeat each sample (images included), give
+    each copy its own boxes; every row equals pruning that sample alone with those boxes."""
+    model, proc = tiny_vl
+    samples = [synthetic_samples["two"][1], synthetic_samples["one"][3]]
+    enc = proc.encode_samples(samples, load_method_config().prompts.sparse)
+    with torch.no_grad():
+        feats = torch.cat(model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).pooler_output)
+    rep = repeat_samples(enc, 3, image_token_id=model.config.image_token_id, image_embeds=feats)
+    assert rep["input_ids"].shape[0] == 6 and rep["texts"][:3] == [enc["texts"][0]] * 3
+    assert rep["image_grid_thw"].tolist() == [[1, 8, 8]] * 6 + [[1, 16, 16]] * 3
+    assert rep["pixel_values"].shape[0] == 6 * 64 + 3 * 256 and rep["image_embeds"].shape[0] == 6 * 16 + 3 * 64
+    boxes = [[(0.1 * k, 0.1, 0.5 + 0.1 * k, 0.6)] for k in range(6)]
+    with torch.no_grad():
+        both = sparse_stream_inputs(model, rep["input_ids"], rep["attention_mask"], rep["image_grid_thw"], boxes,
+                                    pixel_values=rep["pixel_values"], padding_side="right")
+        from_embeds = sparse_stream_inputs(model, rep["input_ids"], rep["attention_mask"], rep["image_grid_thw"],
+                                           boxes, image_embeds=rep["image_embeds"], padding_side="right")
+    torch.testing.assert_close(from_embeds.inputs_embeds, both.inputs_embeds, rtol=0, atol=1e-6)
+    for row in range(6):
+        b = row // 3
+        single = proc.encode_samples([samples[b]], load_method_config().prompts.sparse)
+        with torch.no_grad():
+            one = sparse_stream_inputs(model, single["input_ids"], single["attention_mask"], single["image_grid_thw"],
+                                       [boxes[row]], pixel_values=single["pixel_values"], padding_side="right")
+        n = int(one.attention_mask.sum())
+        assert torch.equal(both.input_ids[row, :n], one.input_ids[0, :n])
+        assert torch.equal(both.position_ids[:, row, :n], one.position_ids[:, 0, :n])
+        torch.testing.assert_close(both.inputs_embeds[row, :n], one.inputs_embeds[0, :n], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="repeats"):
+        repeat_samples(enc, 0, image_token_id=model.config.image_token_id)
+    with pytest.raises(ValueError, match="unknown key"):
+        repeat_samples({**enc, "labels": enc["input_ids"]}, 2, image_token_id=model.config.image_token_id)
 
 
 def test_bad_inputs_name_the_argument(tiny_vl, synthetic_samples):

@@ -63,7 +63,7 @@ from .format import (
     parse_boxes,
 )
 from .models import VLProcessor, build_tiny, load_model_and_processor
-from .pruning import SparseInputs, extend_sparse_inputs, sparse_generate, sparse_stream_inputs
+from .pruning import SparseInputs, extend_sparse_inputs, repeat_samples, sparse_generate, sparse_stream_inputs
 from .rewards import (
     GroundTruth,
     RewardBreakdown,
@@ -88,7 +88,7 @@ __all__ = [
     "BoxParse", "FormatCheck", "check_format", "check_localization_format", "check_sparse_format",
     "extract_answer", "format_localization_response", "format_sparse_response", "parse_boxes",
     "VLProcessor", "build_tiny", "load_model_and_processor",
-    "SparseInputs", "extend_sparse_inputs", "sparse_generate", "sparse_stream_inputs",
+    "SparseInputs", "extend_sparse_inputs", "repeat_samples", "sparse_generate", "sparse_stream_inputs",
     "GroundTruth", "RewardBreakdown", "accuracy_reward", "compute_score", "cross_feedback_accuracy",
     "format_reward", "iou_reward", "localization_reward", "score_dual_stream", "sparse_reward",
 ]

@@ -40,7 +40,14 @@ from torch import Tensor
 from ..ops import box_to_patch_mask, scatter_tokens, select_visual_tokens
 from .config import PruningConfig
 
-__all__ = ["SparseInputs", "sparse_stream_inputs", "extend_sparse_inputs", "sparse_generate", "boxes_to_tensors"]
+__all__ = [
+    "SparseInputs",
+    "sparse_stream_inputs",
+    "extend_sparse_inputs",
+    "sparse_generate",
+    "boxes_to_tensors",
+    "repeat_samples",
+]
 
 
 @dataclass
@@ -460,3 +467,73 @@ def sparse_generate(model, sparse: SparseInputs, **generate_kwargs) -> Tensor:
             raise ValueError(f"`{key}` comes from `sparse`; do not pass it to sparse_generate")
     out = model.generate(**sparse.model_inputs(), **generate_kwargs)
     return out.sequences if hasattr(out, "sequences") else out
+
+
+def repeat_samples(
+    batch: dict,
+    repeats: int,
+    *,
+    image_token_id: int,
+    merge_size: int = 2,
+    image_embeds: Optional[Tensor] = None,
+) -> dict:
+    """Repeats every sample of a processor batch ``repeats`` times, consecutively (sample b
+    becomes rows ``b * repeats ... b * repeats + repeats - 1``), images included - e.g. one
+    sparse prompt per localization rollout before :func:`sparse_stream_inputs`.
+
+    Args:
+        batch: the processor's dict: ``input_ids`` ``[B, L]`` and optionally
+            ``attention_mask``, ``mm_token_type_ids`` (repeated along dim 0),
+            ``image_grid_thw`` ``[I, 3]`` and ``pixel_values`` ``[sum(t*h*w), C]`` (each
+            sample's images / patch rows repeated), ``texts`` (a list, repeated). Other keys
+            are an error.
+        repeats: a positive int.
+        image_token_id: the model's ``<|image_pad|>`` id (assigns images to samples).
+        merge_size: the vision merger's spatial merge (2 for Qwen2.5-VL).
+        image_embeds: optional ``[N, D]`` visual features of the batch; returned repeated the
+            same way under ``"image_embeds"`` (saves running the vision tower per copy).
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"`repeats` must be a positive int, got {repeats!r}")
+    known = {"input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "pixel_values", "texts"}
+    unknown = sorted(set(batch) - known)
+    if unknown:
+        raise ValueError(f"`batch`: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    out: dict = {}
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in batch:
+            out[key] = batch[key].repeat_interleave(repeats, dim=0)
+    if "texts" in batch:
+        out["texts"] = [t for t in batch["texts"] for _ in range(repeats)]
+    grid = batch.get("image_grid_thw")
+    if grid is None:
+        if image_embeds is not None or "pixel_values" in batch:
+            raise ValueError("`batch` has no image_grid_thw to split the images by sample")
+        return out
+    grid_cpu = grid.to("cpu", torch.int64)
+    real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    counts = (grid_cpu.prod(-1) // (merge_size * merge_size)).tolist()
+    owner = _image_samples(((ids == image_token_id) & real).cpu(), counts)
+    patches = grid_cpu.prod(-1).tolist()
+
+    def per_sample(rows_per_image: list[int], b: int) -> tuple[int, int]:
+        start = sum(r for r, o in zip(rows_per_image, owner) if o < b)
+        return start, start + sum(r for r, o in zip(rows_per_image, owner) if o == b)
+
+    def repeat_rows(x: Tensor, rows_per_image: list[int]) -> Tensor:
+        parts = []
+        for b in range(ids.shape[0]):
+            lo, hi = per_sample(rows_per_image, b)
+            parts += [x[lo:hi]] * repeats
+        return torch.cat(parts) if parts else x[:0]
+
+    out["image_grid_thw"] = repeat_rows(grid, [1] * len(owner))
+    if "pixel_values" in batch:
+        out["pixel_values"] = repeat_rows(batch["pixel_values"], patches)
+    if image_embeds is not None:
+        if image_embeds.dim() != 2 or image_embeds.shape[0] != sum(counts):
+            raise ValueError(f"`image_embeds` must be [N, D] with N = {sum(counts)}, got {tuple(image_embeds.shape)}")
+        out["image_embeds"] = repeat_rows(image_embeds, counts)
+    return out
