@@ -38,3 +38,25 @@ def _seed(request):
     torch.manual_seed(seed)
     random.seed(seed)
     yield
+
+
+# --------------------------------------------------------------------------------------
+# Dual-stream fixtures: the tiny random Qwen2.5-VL and a few synthetic scans (built offline
+# once per session; tests must not change the shared model - build a fresh one to train).
+@pytest.fixture(scope="session")
+def tiny_vl():
+    pytest.importorskip("transformers")
+    from tsparse.dualstream.models import build_tiny
+
+    return build_tiny()
+
+
+@pytest.fixture(scope="session")
+def synthetic_samples(tmp_path_factory):
+    """``{"one": [8 single-image 224-px samples], "two": [4 two-view 112-px samples]}``."""
+    from tsparse.dualstream.data import SyntheticScanConfig, ensure_synthetic_scans, load_vitar_json
+
+    root = tmp_path_factory.mktemp("synthetic_scans")
+    one = ensure_synthetic_scans(root, SyntheticScanConfig(image_size=224, splits={"train": 8}))
+    two = ensure_synthetic_scans(root, SyntheticScanConfig(image_size=112, images_per_sample=2, splits={"train": 4}))
+    return {"one": load_vitar_json(one["train"]), "two": load_vitar_json(two["train"])}
