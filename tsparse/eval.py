@@ -377,6 +377,7 @@ def evaluate(
         done = _load_records(res_file)
         todo = [it for it in items if it.key not in done]
         counts = None
+        ratio = float(keep) if kind == "baseline" and keep != "match" else None
         if kind == "baseline" and keep == "match":
             ref_slug = mode_slug("sparse", pipe.config)
             ref = _load_records(out / f"{ref_slug}.jsonl")
@@ -388,7 +389,8 @@ def evaluate(
             counts = {it.key: ref[it.key]["kept_tokens"] for it in todo}
         log(f"[{mode}] {len(done)} done, {len(todo)} to run -> {res_file}")
         if todo and warmup:  # one untimed 1-sample batch: first-call costs (allocations, kernels) stay out
-            pipe.run_batch([todo[0].sample], mode=mode, keep_counts=[counts[todo[0].key]] if counts else None)
+            pipe.run_batch([todo[0].sample], mode=mode, keep_counts=[counts[todo[0].key]] if counts else None,
+                           keep_ratio=ratio)
         bar = None
         if progress and todo:
             try:
@@ -401,7 +403,7 @@ def evaluate(
             for lo in range(0, len(todo), bs):
                 part = todo[lo:lo + bs]
                 kc = [counts[it.key] for it in part] if counts is not None else None
-                results = pipe.run_batch([it.sample for it in part], mode=mode, keep_counts=kc)
+                results = pipe.run_batch([it.sample for it in part], mode=mode, keep_counts=kc, keep_ratio=ratio)
                 for it, r in zip(part, results):
                     sc = score_response(r.response, it.sample.answer, it.sample.options)
                     rec = {"key": it.key, "dataset": it.dataset, "subset": it.subset, "gt": it.sample.answer,

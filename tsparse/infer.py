@@ -373,6 +373,7 @@ class TokenSparseInference:
         boxes: Optional[Sequence[Any]] = None,
         localization_texts: Optional[Sequence[str]] = None,
         keep_counts: Optional[Sequence[Sequence[int]]] = None,
+        keep_ratio: Optional[float] = None,
         mode: Optional[str] = None,
         localization_generate_kwargs: Optional[Mapping] = None,
     ) -> "PreparedBatch":
@@ -394,10 +395,13 @@ class TokenSparseInference:
             raise ValueError(f"`boxes`/`localization_texts` apply to mode='sparse', not {mode!r}")
         if boxes is not None and localization_texts is not None:
             raise ValueError("pass at most one of `boxes` and `localization_texts`")
-        if kind != "baseline" and keep_counts is not None:
-            raise ValueError(f"`keep_counts` applies to baselines, not {mode!r}")
-        if kind == "baseline" and keep_counts is None and cfg.keep_ratio is None:
-            raise ValueError(f"mode={mode!r} needs `keep_counts` or config.keep_ratio")
+        if kind != "baseline" and (keep_counts is not None or keep_ratio is not None):
+            raise ValueError(f"`keep_counts`/`keep_ratio` apply to baselines, not {mode!r}")
+        if keep_counts is not None and keep_ratio is not None:
+            raise ValueError("pass at most one of `keep_counts` and `keep_ratio`")
+        keep_ratio = cfg.keep_ratio if keep_ratio is None else keep_ratio
+        if kind == "baseline" and keep_counts is None and keep_ratio is None:
+            raise ValueError(f"mode={mode!r} needs `keep_counts`, `keep_ratio` or config.keep_ratio")
         batch_no = self._batches
         self._batches += 1
         timings = {k: 0.0 for k in ("preprocess_ms", "vision_ms", "localize_ms", "localize_prefill_ms",
@@ -467,7 +471,7 @@ class TokenSparseInference:
             if keep_counts is not None:
                 fkw["keep_counts"] = [int(k) for ks in keep_counts for k in ks]
             else:
-                fkw["keep_ratio"] = cfg.keep_ratio
+                fkw["keep_ratio"] = keep_ratio
             if baseline == "random":
                 fkw["seeds"] = [image_seed(cfg.seed, s.id, j) for s, ims in zip(samples, images) for j in range(len(ims))]
         sparse = prune_visual_tokens(self.model, ans["input_ids"], ans["attention_mask"], grid, method=method,
@@ -483,6 +487,7 @@ class TokenSparseInference:
         boxes: Optional[Sequence[Any]] = None,
         localization_texts: Optional[Sequence[str]] = None,
         keep_counts: Optional[Sequence[Sequence[int]]] = None,
+        keep_ratio: Optional[float] = None,
         mode: Optional[str] = None,
         localization_generate_kwargs: Optional[Mapping] = None,
         generate_kwargs: Optional[Mapping] = None,
@@ -496,7 +501,9 @@ class TokenSparseInference:
             localization_texts: ``mode="sparse"``: per-sample localization responses whose
                 parsed boxes prune (skips generating them).
             keep_counts: baselines: per sample, the kept count of each of its images (e.g.
-                what the grounded run kept); default: ``config.keep_ratio`` for every image.
+                what the grounded run kept).
+            keep_ratio: baselines without ``keep_counts``: the ratio kept of every image
+                (default ``config.keep_ratio``).
             mode: overrides ``config.mode``.
             localization_generate_kwargs / generate_kwargs: extra ``generate`` arguments for
                 the localization / answer stream (e.g. ``logits_processor``); greedy by default.
@@ -506,7 +513,7 @@ class TokenSparseInference:
         apply to the mode.
         """
         prep = self.prepare_batch(questions, boxes=boxes, localization_texts=localization_texts,
-                                  keep_counts=keep_counts, mode=mode,
+                                  keep_counts=keep_counts, keep_ratio=keep_ratio, mode=mode,
                                   localization_generate_kwargs=localization_generate_kwargs)
         cfg, samples, sparse, timings = self.config, prep.samples, prep.sparse, prep.timings
         b = len(samples)
