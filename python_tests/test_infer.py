@@ -200,3 +200,20 @@ def test_cli(tiny_vl, synthetic_samples, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["kept_tokens"] == [32] and out["box_source"] == "given" and out["answer"] in s.options
+
+
+def test_eval_config_loads_and_rejects_unknown_keys(tmp_path):
+    from tsparse.infer import load_eval_config
+
+    cfg = load_eval_config()
+    assert cfg["inference"].answer == "generate" and cfg["eval"]["keep_ratio"] == "match"
+    assert cfg["embedded"]["boxes"] == "oracle" and "baseline:fastv" in cfg["eval"]["modes"]
+    (tmp_path / "a.yaml").write_text("eval: {modez: [dense]}\n")
+    with pytest.raises(ValueError, match="`eval`: unknown key"):
+        load_eval_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("eval: {modes: [sparsevlm]}\n")
+    with pytest.raises(ValueError, match="`mode`"):
+        load_eval_config(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("training: {}\n")
+    with pytest.raises(ValueError, match="unknown section"):
+        load_eval_config(tmp_path / "c.yaml")

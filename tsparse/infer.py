@@ -46,7 +46,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -157,11 +157,23 @@ def load_eval_config(name_or_path: Optional[PathLike] = None) -> dict:
     unknown = sorted(set(data) - {"inference", "eval", "embedded"})
     if unknown:
         raise ValueError(f"eval config: unknown section(s) {unknown}; allowed: ['embedded', 'eval', 'inference']")
-    return {
-        "inference": InferenceConfig.from_dict(data.get("inference") or {}),
-        "eval": dict(data.get("eval") or {}),
-        "embedded": dict(data.get("embedded") or {}),
-    }
+    allowed = {"eval": {"modes", "keep_ratio", "out_root", "skip_open"},
+               "embedded": {"samples", "image_size", "boxes", "answer", "batch_size"}}
+    out = {"inference": InferenceConfig.from_dict(data.get("inference") or {})}
+    for sec, keys in allowed.items():
+        d = data.get(sec) or {}
+        if not isinstance(d, Mapping):
+            raise ValueError(f"`{sec}` must be a mapping, got {type(d).__name__}")
+        unknown = sorted(set(d) - keys)
+        if unknown:
+            raise ValueError(f"`{sec}`: unknown key(s) {unknown}; allowed: {sorted(keys)}")
+        out[sec] = dict(d)
+    for m in out["eval"].get("modes", []):
+        parse_mode(m)
+    k = out["eval"].get("keep_ratio", "match")
+    if k != "match" and (isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1):
+        raise ValueError(f"`eval.keep_ratio` must be 'match' or a number in (0, 1], got {k!r}")
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -595,12 +607,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default: the checkpoint's (tiny: float32)")
     p.add_argument("--config", default=None, help="eval config (default configs/eval.yaml)")
     p.add_argument("--method-config", default=None, help="method config (default configs/dualstream.yaml)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (torch.set_num_threads)")
 
 
 def _load(args):
     from .dualstream.models import load_model_and_processor
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, proc = load_model_and_processor(args.model, dtype=_DTYPES.get(args.dtype), device=device)
     return model, proc
 

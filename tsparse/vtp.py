@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
