@@ -108,6 +108,16 @@ def test_load_eval_samples_layouts(tmp_path):
     assert c.sample.answer == "B" and c.dataset == "OmniMedVQA"
     assert len(load_eval_samples(tmp_path / "huatuo.json", skip_open=False)) == 4
 
+    strings = [{"question": "Q1", "options": "['CT', 'MRI']", "answer": "MRI", "image": "0.png"},
+               {"question": "Q2", "options": "A. CT\nB. MRI", "answer_label": "A", "answer": "CT", "image": "1.png"}]
+    s1, s2 = load_eval_samples(_write(tmp_path / "strings.json", strings))
+    assert s1.sample.options == {"A": "CT", "B": "MRI"} and s1.sample.answer == "B"
+    assert s2.sample.options == {"A": "CT", "B": "MRI"} and s2.sample.answer == "A"
+    assert s2.sample.question == "Q2\nA. CT\nB. MRI"
+    with pytest.raises(ValueError, match="`options` string"):
+        load_eval_samples(_write(tmp_path / "bad_opts.json", [{"question": "q", "options": "CT or MRI",
+                                                                 "answer": "CT", "image": "0.png"}]))
+
     vitar = [{"image_path": ["0.png"], "question": "<image>\nWhere?\nA) left\nB) right", "answer": "B",
               "bbox": [[0.1, 0.1, 0.4, 0.5]]}]
     (tmp_path / "v.jsonl").write_text("\n".join(json.dumps(r) for r in vitar), encoding="utf-8")
@@ -212,6 +222,10 @@ def test_match_needs_the_sparse_run(tiny_vl, synthetic_samples, tmp_path):
     with pytest.raises(ValueError, match="run mode 'sparse' first"):
         evaluate(pipe, items, ["baseline:pool"], tmp_path / "o", model_name="tiny", data_path=str(data),
                  progress=False, log=lambda s: None)
+    # listed after the baseline, the sparse mode still runs first
+    s = evaluate(pipe, items, ["baseline:pool", "sparse"], tmp_path / "m", model_name="tiny", data_path=str(data),
+                 progress=False, warmup=False, log=lambda s: None)
+    assert [m["slug"] for m in s["modes"]] == ["sparse-oracle-fuse", "baseline-pool-match"]
     s = evaluate(pipe, items, ["baseline:pool"], tmp_path / "o", model_name="tiny", data_path=str(data),
                  keep_ratio=0.25, progress=False, log=lambda s: None)
     (m,) = s["modes"]

@@ -337,8 +337,8 @@ def evaluate(
     then writes and returns :func:`summarize`'s summary.
 
     Args:
-        modes: e.g. ``["dense", "sparse", "baseline:fastv"]``; run in this order (a baseline
-            with ``keep_ratio="match"`` needs the sparse mode's results first).
+        modes: e.g. ``["dense", "sparse", "baseline:fastv"]``; run as dense, sparse, then the
+            baselines (a baseline with ``keep_ratio="match"`` needs the sparse mode's results).
         keep_ratio: baselines: ``"match"`` (each image keeps exactly what the sparse run kept
             for it) or a ratio in (0, 1].
         model_name, data_path: recorded in the run settings (a rerun must match them).
@@ -350,8 +350,8 @@ def evaluate(
     if keep_ratio != "match" and (isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float))
                                   or not 0.0 < keep_ratio <= 1.0):
         raise ValueError(f"`keep_ratio` must be 'match' or a number in (0, 1], got {keep_ratio!r}")
-    for m in modes:
-        parse_mode(m)
+    kinds = {"dense": 0, "sparse": 1, "baseline": 2}
+    modes = sorted(dict.fromkeys(modes), key=lambda m: kinds[parse_mode(m)[0]])  # matching needs sparse first
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     keys = [it.key for it in items]
