@@ -109,8 +109,10 @@ class PrefillCase:
     label: str
 
 
-def build_case(size: str, device) -> PrefillCase:
-    """The model and dense inputs of ``size`` (see the module docs)."""
+def build_case(size: str, device, text: Optional[dict] = None) -> PrefillCase:
+    """The model and dense inputs of ``size`` (see the module docs). ``text`` replaces the 7B
+    language-model sizes of ``size="7b"`` (keys as :data:`QWEN2_5_VL_7B_TEXT`; tests run that
+    path at toy sizes on the CPU)."""
     cfg = SIZES[size]
     device = torch.device(device)
     side = cfg["image_side"]
@@ -134,9 +136,9 @@ def build_case(size: str, device) -> PrefillCase:
         ids = proc.tokenizer(rendered, add_special_tokens=False, return_tensors="pt")["input_ids"]
         label = "tiny Qwen2.5-VL (H=64, 2 layers)"
     else:
-        dtype = torch.bfloat16
-        model = random_qwen2_5_vl(QWEN2_5_VL_7B_TEXT, device=device, dtype=dtype)
-        text = {k: v for k, v in QWEN2_5_VL_7B_TEXT.items() if k != "mrope_section"}
+        sizes = dict(QWEN2_5_VL_7B_TEXT if text is None else text)
+        model = random_qwen2_5_vl(sizes, device=device, dtype=torch.bfloat16)
+        text = {k: v for k, v in sizes.items() if k != "mrope_section"}
         g = torch.Generator().manual_seed(0)
         n_text = cfg["text_tokens"]
         pre, post = 20, n_text - 20 - 2  # system turn + user start | question + assistant start
@@ -166,15 +168,17 @@ def box_for_ratio(side_tokens: int, ratio: float) -> tuple[list, int]:
     return [0.0, 0.0, (c - eps) / side_tokens, (r - eps) / side_tokens], r * c
 
 
-def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None] = print) -> list[Row]:
+def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None] = print,
+        text: Optional[dict] = None) -> list[Row]:
     """The report family: prefill rows for each keep ratio (``size`` "full" means "cpu" here: the
-    7B-shaped case runs only through ``--size 7b``, see the module docs)."""
+    7B-shaped case runs only through ``--size 7b``, see the module docs; ``text`` as
+    :func:`build_case`)."""
     size = "cpu" if size == "full" else size
     if size not in SIZES:
         raise ValueError(f"`size` must be one of {list(SIZES)} (or 'full'), got {size!r}")
     from tsparse.dualstream.pruning import sparse_stream_inputs
 
-    case = build_case(size, device)
+    case = build_case(size, device, text)
     model = case.model
     b = case.input_ids.shape[0]
     side = int(case.grid[0, 1]) // 2

@@ -62,3 +62,11 @@ def test_benchmark_family_runs_on_the_tiny_model():
     assert lengths[0] - lengths[1] == 256 - 196 and lengths == sorted(lengths, reverse=True)
     assert all(r.tsparse_ms > 0 and r.baseline_ms == rows[0].tsparse_ms for r in rows)
     assert "FLOP expectation 1.00x" in rows[0].note and "FLOP expectation 1." in rows[1].note
+
+
+def test_7b_path_at_toy_sizes():
+    """The --size 7b branch (random ids around one 1008-px image, batch 4, bf16) with the 7B
+    sizes swapped for toy ones, so the code the GPU phase runs has run once."""
+    rows = run(torch.device("cpu"), "7b", Timer("cpu", warmup=0, iters=1), log=lambda s: None, text=SMALL)
+    assert rows[0].shape == "B=4 L=1446 vis=1296/1296" and rows[0].dtype == "bfloat16"
+    assert rows[1].shape == "B=4 L=1142 vis=992/1296"
