@@ -416,7 +416,7 @@ def evaluate(
                     bar.update(len(part))
         if bar is not None:
             bar.close()
-    summary = summarize(out, keys=keys)
+    summary = summarize(out, keys=keys, data_path=data_path)
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     (out / "summary.md").write_text(format_markdown(summary) + "\n", encoding="utf-8")
     return summary
@@ -463,10 +463,11 @@ def _mode_metrics(records: list) -> dict:
     }
 
 
-def summarize(out_dir: PathLike, keys: Optional[Sequence[str]] = None) -> dict:
-    """Aggregates every ``<slug>.jsonl`` under ``out_dir`` (restricted to ``keys`` when given):
-    per-mode metrics (see the module docs) and each mode's ``rel`` (avg accuracy / the dense
-    mode's, %) and ``prefill_speedup`` (dense prefill ms per sample / the mode's)."""
+def summarize(out_dir: PathLike, keys: Optional[Sequence[str]] = None, data_path: Optional[str] = None) -> dict:
+    """Aggregates every ``<slug>.jsonl`` under ``out_dir`` (restricted to ``keys`` when given, and
+    to runs on ``data_path`` when given): per-mode metrics (see the module docs) and each mode's
+    ``rel`` (avg accuracy / the dense mode's, %) and ``prefill_speedup`` (dense prefill ms per
+    sample / the mode's)."""
     out = Path(out_dir)
     wanted = set(keys) if keys is not None else None
     modes = []
@@ -475,6 +476,8 @@ def summarize(out_dir: PathLike, keys: Optional[Sequence[str]] = None) -> dict:
         if not run.is_file():
             continue
         settings = json.loads(run.read_text(encoding="utf-8"))
+        if data_path is not None and settings.get("data") != data_path:
+            continue
         recs = [r for k, r in _load_records(res).items() if wanted is None or k in wanted]
         if not recs:
             continue
