@@ -67,6 +67,8 @@ def test_benchmark_family_runs_on_the_tiny_model():
 def test_7b_path_at_toy_sizes():
     """The --size 7b branch (random ids around one 1008-px image, batch 4, bf16) with the 7B
     sizes swapped for toy ones, so the code the GPU phase runs has run once."""
-    rows = run(torch.device("cpu"), "7b", Timer("cpu", warmup=0, iters=1), log=lambda s: None, text=SMALL)
+    toy = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+               num_key_value_heads=1, vocab_size=152064, mrope_section=[2, 3, 3])
+    rows = run(torch.device("cpu"), "7b", Timer("cpu", warmup=0, iters=1), log=lambda s: None, text=toy)
     assert rows[0].shape == "B=4 L=1446 vis=1296/1296" and rows[0].dtype == "bfloat16"
     assert rows[1].shape == "B=4 L=1142 vis=992/1296"
