@@ -50,6 +50,29 @@ TORCH_LIBRARY(tsparse, m) {
   m.def("segment_reduce_rows(Tensor src, Tensor perm, Tensor offsets, bool mean) -> Tensor");
   // Internal: float32 [rows] = 1 / max(||x[r]||, eps)
   m.def("row_inv_norms(Tensor x, float eps) -> Tensor");
+
+  // ---- GRPO (tsparse/ops/grpo.py) ----
+  // One read of logits [T, V] (z = logits / temperature). Per row, in fp32 (fp64 for fp64
+  // logits): logp = log_softmax(z)[targets]; row_max = max z; log_norm = log sum exp(z -
+  // row_max) (lse = row_max + log_norm); entropy [T] (or [0] when not with_entropy).
+  m.def(
+      "logprobs(Tensor logits, Tensor targets, float temperature, bool with_entropy) -> "
+      "(Tensor logp, Tensor row_max, Tensor log_norm, Tensor entropy)");
+  // Internal (backward of logprobs): d loss / d logits in one pass over the logits from the
+  // saved per-row statistics; grad_entropy needs `entropy`.
+  m.def(
+      "logprobs_backward(Tensor logits, Tensor targets, Tensor row_max, Tensor log_norm, "
+      "Tensor entropy, Tensor? grad_logp, Tensor? grad_entropy, float temperature) -> Tensor");
+  // Internal: the same, written into the logits' own storage (in-place backward).
+  m.def(
+      "logprobs_backward_(Tensor(a!) logits, Tensor targets, Tensor row_max, Tensor log_norm, "
+      "Tensor entropy, Tensor? grad_logp, Tensor? grad_entropy, float temperature) -> ()");
+  // Internal: per-token GRPO terms (verl 0.9.1 compute_policy_loss_vanilla + kl_penalty) and
+  // their derivatives with respect to logp; flags: uint8 bit 0 = clipped, bit 1 = dual-clipped.
+  m.def(
+      "grpo_token_terms(Tensor logp, Tensor old_logp, Tensor advantages, Tensor? ref_logp, "
+      "Tensor? is_weights, float clip_low, float clip_high, float clip_ratio_c, str kl_type) -> "
+      "(Tensor pg, Tensor kl, Tensor ratio, Tensor flags, Tensor dpg, Tensor dkl, Tensor dratio)");
 }
 
 namespace {

@@ -3,11 +3,21 @@
 One module per op family:
   * :mod:`tsparse.ops.visual_tokens` - box-to-patch mask, token gather/scatter, token fusion,
     select_visual_tokens.
+  * :mod:`tsparse.ops.grpo` - fused GRPO: log-probs from logits in one read, verl's GRPO loss
+    with decoupled per-stream aggregation, fused linear (LM head) variants.
 
 Every op is a ``torch.ops.tsparse`` op (schemas in ``csrc/ops.cpp``) with CPU and CUDA
 kernels, a fake kernel for torch.compile and autograd where values flow.
 """
 
+from .grpo import (
+    GRPOLoss,
+    GRPOStreamMetrics,
+    fused_linear_grpo_loss,
+    fused_linear_logprobs,
+    grpo_loss,
+    logprobs,
+)
 from .visual_tokens import (
     SelectedTokens,
     box_to_patch_mask,
@@ -19,6 +29,12 @@ from .visual_tokens import (
 )
 
 __all__ = [
+    "GRPOLoss",
+    "GRPOStreamMetrics",
+    "fused_linear_grpo_loss",
+    "fused_linear_logprobs",
+    "grpo_loss",
+    "logprobs",
     "SelectedTokens",
     "box_to_patch_mask",
     "fuse_tokens",
