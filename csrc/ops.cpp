@@ -69,9 +69,12 @@ TORCH_LIBRARY(tsparse, m) {
       "Tensor entropy, Tensor? grad_logp, Tensor? grad_entropy, float temperature) -> ()");
   // Internal: per-token GRPO terms (verl 0.9.1 compute_policy_loss_vanilla + kl_penalty) and
   // their derivatives with respect to logp; flags: uint8 bit 0 = clipped, bit 1 = dual-clipped.
+  // clamp_edges: torch's clamp-gradient convention AT the bounds (bit 0: lower bound passes the
+  // gradient, bit 1: upper bound), probed from the installed torch by tsparse/ops/grpo.py.
   m.def(
       "grpo_token_terms(Tensor logp, Tensor old_logp, Tensor advantages, Tensor? ref_logp, "
-      "Tensor? is_weights, float clip_low, float clip_high, float clip_ratio_c, str kl_type) -> "
+      "Tensor? is_weights, float clip_low, float clip_high, float clip_ratio_c, str kl_type, "
+      "int clamp_edges) -> "
       "(Tensor pg, Tensor kl, Tensor ratio, Tensor flags, Tensor dpg, Tensor dkl, Tensor dratio)");
 }
 

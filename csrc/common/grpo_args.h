@@ -122,7 +122,10 @@ inline LogprobsBwdPrep prep_logprobs_backward(const at::Tensor& logits, const at
 
 // ---- per-token GRPO terms -------------------------------------------------------------------
 inline grpo::GrpoParams parse_grpo_params(double clip_low, double clip_high, double clip_ratio_c,
-                                          c10::string_view kl_type, bool has_ref, const char* op) {
+                                          c10::string_view kl_type, int64_t clamp_edges,
+                                          bool has_ref, const char* op) {
+  TORCH_CHECK_VALUE(clamp_edges >= 0 && clamp_edges <= 3, "tsparse.", op,
+                    ": `clamp_edges` must be a 2-bit mask in [0, 3], got ", clamp_edges);
   TORCH_CHECK_VALUE(std::isfinite(clip_low) && clip_low >= 0.0, "tsparse.", op,
                     ": `clip_low` must be a finite number >= 0, got ", clip_low);
   TORCH_CHECK_VALUE(std::isfinite(clip_high) && clip_high >= 0.0, "tsparse.", op,
@@ -152,6 +155,8 @@ inline grpo::GrpoParams parse_grpo_params(double clip_low, double clip_high, dou
                       s, "'");
   }
   p.kl = has_ref ? k : grpo::KlType::kNone;
+  p.clamp_lo_edge = (clamp_edges & 1) != 0;
+  p.clamp_hi_edge = (clamp_edges & 2) != 0;
   return p;
 }
 
@@ -165,7 +170,7 @@ inline GrpoTokenPrep prep_grpo_token_terms(const at::Tensor& logp, const at::Ten
                                            const c10::optional<at::Tensor>& ref_logp,
                                            const c10::optional<at::Tensor>& is_weights,
                                            double clip_low, double clip_high, double clip_ratio_c,
-                                           c10::string_view kl_type) {
+                                           c10::string_view kl_type, int64_t clamp_edges) {
   constexpr const char* op = "grpo_token_terms";
   TORCH_CHECK_TYPE(logp.scalar_type() == c10::kFloat || logp.scalar_type() == c10::kDouble,
                    "tsparse.", op, ": `logp` must be float32 or float64, got ", logp.scalar_type());
@@ -174,7 +179,8 @@ inline GrpoTokenPrep prep_grpo_token_terms(const at::Tensor& logp, const at::Ten
   const int64_t n = logp.size(0);
   const c10::ScalarType acc = logp.scalar_type();
   GrpoTokenPrep p;
-  p.params = parse_grpo_params(clip_low, clip_high, clip_ratio_c, kl_type, ref_logp.has_value(), op);
+  p.params = parse_grpo_params(clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges,
+                               ref_logp.has_value(), op);
   p.logp = logp.contiguous();
   p.old_logp = prep_vector(old_logp, n, acc, logp, op, "old_logp", "logp");
   p.advantages = prep_vector(advantages, n, acc, logp, op, "advantages", "logp");

@@ -3,7 +3,8 @@
 //
 // Rows are split over threads with at::parallel_for (OpenMP); each row is read once in
 // chunks of kChunk elements converted to the accumulator type (fp32, fp64 for fp64 logits):
-// the chunk's maximum raises the running maximum once, then every element is added.
+// each chunk's (max, sum, sum * z) state is formed against the chunk's maximum, then merged
+// into the row's state (as the CUDA kernels merge per-thread states).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -128,8 +129,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_cpu(const at
             z[size_t(k)] = static_cast<acc_t>(x[c0 + k]) * inv_temp;
             bm = grpo::max_acc(bm, z[size_t(k)]);
           }
-          grpo::lse_raise_max(st, bm);
-          for (int64_t k = 0; k < n; ++k) grpo::lse_add(st, z[size_t(k)]);
+          // The chunk's own sums, then merged: two-level summation keeps the fp32 rounding
+          // error at ~(kChunk + cols / kChunk) ulps instead of ~cols ulps for a serial sum.
+          grpo::LseState<acc_t> cs = grpo::lse_empty<acc_t>();
+          grpo::lse_raise_max(cs, bm);
+          for (int64_t k = 0; k < n; ++k) grpo::lse_add(cs, z[size_t(k)]);
+          st = grpo::lse_merge(st, cs);
         }
         const grpo::RowStats<acc_t> rs = grpo::lse_finish(st);
         lp[r] = grpo::target_logp(static_cast<acc_t>(x[tg[r]]) * inv_temp, rs);
@@ -170,9 +175,10 @@ void logprobs_backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& t
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 grpo_token_terms_cpu(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
                      const c10::optional<at::Tensor>& ref_logp, const c10::optional<at::Tensor>& is_weights,
-                     double clip_low, double clip_high, double clip_ratio_c, c10::string_view kl_type) {
+                     double clip_low, double clip_high, double clip_ratio_c, c10::string_view kl_type,
+                     int64_t clamp_edges) {
   const GrpoTokenPrep p = prep_grpo_token_terms(logp, old_logp, advantages, ref_logp, is_weights,
-                                                clip_low, clip_high, clip_ratio_c, kl_type);
+                                                clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges);
   const int64_t n = p.logp.size(0);
   const auto opts = p.logp.options();
   at::Tensor pg = at::empty({n}, opts), kl = at::empty({n}, opts), ratio = at::empty({n}, opts);

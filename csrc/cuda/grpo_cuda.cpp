@@ -125,11 +125,12 @@ void logprobs_backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 grpo_token_terms_cuda(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
                       const c10::optional<at::Tensor>& ref_logp, const c10::optional<at::Tensor>& is_weights,
-                      double clip_low, double clip_high, double clip_ratio_c, c10::string_view kl_type) {
+                      double clip_low, double clip_high, double clip_ratio_c, c10::string_view kl_type,
+                     int64_t clamp_edges) {
   check_cuda(logp, "grpo_token_terms", "logp");
   c10::cuda::CUDAGuard guard(logp.device());
   const GrpoTokenPrep p = prep_grpo_token_terms(logp, old_logp, advantages, ref_logp, is_weights,
-                                                clip_low, clip_high, clip_ratio_c, kl_type);
+                                                clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges);
   const int64_t n = p.logp.size(0);
   const auto opts = p.logp.options();
   at::Tensor pg = at::empty({n}, opts), kl = at::empty({n}, opts), ratio = at::empty({n}, opts);

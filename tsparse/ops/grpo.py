@@ -57,6 +57,19 @@ KL_TYPES = _KL_BASE + tuple(k + "+" for k in _KL_BASE)
 DEFAULT_CHUNK_BYTES = 512 << 20
 
 
+def _probe_clamp_edges() -> int:
+    """The installed torch's clamp-gradient convention AT the bounds (bit 0: ``x == min``
+    passes the gradient, bit 1: ``x == max`` does). It changed in 2026 (pytorch PR 191142: older
+    releases pass it, torch 2.14 gives 0, the minimum-norm subgradient); following the
+    installed torch keeps the fused loss's gradient equal to verl's autograd on every version."""
+    x = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.clamp(x, 0.0, 1.0).sum(), x)
+    return int(g[0].item() != 0) | (int(g[1].item() != 0) << 1)
+
+
+CLAMP_EDGES = _probe_clamp_edges()
+
+
 # --------------------------------------------------------------------------------------
 # Fake kernels (shapes and dtypes for torch.compile / meta tensors).
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -90,7 +103,7 @@ def _logprobs_backward_inplace_fake(logits, targets, row_max, log_norm, entropy,
 
 @torch.library.register_fake("tsparse::grpo_token_terms")
 def _grpo_token_terms_fake(logp, old_logp, advantages, ref_logp, is_weights, clip_low, clip_high,
-                           clip_ratio_c, kl_type):
+                           clip_ratio_c, kl_type, clamp_edges):
     n = logp.shape[0]
     f = lambda: logp.new_empty((n,))  # noqa: E731
     return f(), f(), f(), logp.new_empty((n,), dtype=torch.uint8), f(), f(), f()
@@ -309,7 +322,7 @@ def _token_terms_backward(ctx, g_pg, g_kl, g_ratio, _g_flags, _g_dpg, _g_dkl, _g
             # derivative is not finite (autograd's where() semantics in verl's masked sums).
             term = torch.where(g != 0, g * d, torch.zeros_like(d))
             grad = term if grad is None else grad + term
-    return (grad,) + (None,) * 8
+    return (grad,) + (None,) * 9
 
 
 torch.library.register_autograd(
@@ -554,7 +567,7 @@ def _token_terms(plan: _LossPlan, logp: Tensor, rows: slice = slice(None)):
     isw = plan.is_weights[rows] if plan.is_weights is not None else None
     return _ops.grpo_token_terms(
         logp, plan.old_logp[rows], plan.advantages[rows], ref, isw, plan.clip_low, plan.clip_high,
-        plan.clip_ratio_c, plan.kl_type,
+        plan.clip_ratio_c, plan.kl_type, CLAMP_EDGES,
     )
 
 

@@ -21,8 +21,10 @@
 //
 // 3. Per-token GRPO terms: verl 0.9.1 compute_policy_loss_vanilla and kl_penalty, value AND
 //    derivative with respect to logp, with torch autograd's conventions at ties and clamp
-//    edges (clamp passes the gradient on [lo, hi] inclusive; maximum/minimum split it in
-//    halves at ties), so gradients equal verl's autograd bit-for-bit in structure.
+//    edges (maximum/minimum split the gradient in halves at ties; whether clamp passes the
+//    gradient AT its bounds changed in 2026, pytorch PR 191142: older releases pass it, torch
+//    2.14 does not (minimum-norm subgradient) - so the caller passes the installed torch's
+//    convention), so the gradients equal verl's autograd under the torch that runs it.
 //
 // -inf logits are allowed (p = 0, no NaN from 0 * -inf); NaN logits give NaN outputs.
 #pragma once
@@ -190,6 +192,8 @@ struct GrpoParams {
   KlType kl = KlType::kNone;
   bool kl_straight_through = false;  // "k1+", "abs+", "k3+": value of the estimator,
                                      // gradient of k2 (logp - ref)
+  bool clamp_lo_edge = true;  // clamp(x, lo, hi) passes the gradient at x == lo
+  bool clamp_hi_edge = true;  // ... and at x == hi
 };
 
 enum : uint8_t {
@@ -209,14 +213,14 @@ struct GrpoToken {
 };
 
 // clamp(x, lo, hi) and its derivative mask with torch's conventions (NaN passes through;
-// the gradient flows on the closed interval).
+// the gradient flows inside (lo, hi) and at an edge when the convention says so).
 template <typename Acc>
 TSPARSE_HD Acc clamp_acc(Acc x, Acc lo, Acc hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
 template <typename Acc>
-TSPARSE_HD bool clamp_passes(Acc x, Acc lo, Acc hi) {
-  return x >= lo && x <= hi;
+TSPARSE_HD bool clamp_passes(Acc x, Acc lo, Acc hi, const GrpoParams& p) {
+  return (p.clamp_lo_edge ? x >= lo : x > lo) && (p.clamp_hi_edge ? x <= hi : x < hi);
 }
 
 template <typename Acc>
@@ -228,7 +232,7 @@ TSPARSE_HD GrpoToken<Acc> grpo_token(Acc logp, Acc old_logp, Acc adv, Acc ref_lo
   const Acc nak = logp - old_logp;
   const Acc c = clamp_acc(nak, Acc(-20), Acc(20));
   o.ratio = exp_acc(c);
-  o.dratio = clamp_passes(nak, Acc(-20), Acc(20)) ? o.ratio : Acc(0);
+  o.dratio = clamp_passes(nak, Acc(-20), Acc(20), p) ? o.ratio : Acc(0);
 
   const Acc neg_a = -adv;
   const Acc lo = static_cast<Acc>(p.ratio_lo);
@@ -237,7 +241,7 @@ TSPARSE_HD GrpoToken<Acc> grpo_token(Acc logp, Acc old_logp, Acc adv, Acc ref_lo
   const Acc l1 = neg_a * o.ratio;
   const Acc dl1 = neg_a * o.dratio;
   const Acc l2 = neg_a * clamp_acc(o.ratio, lo, hi);
-  const Acc dl2 = clamp_passes(o.ratio, lo, hi) ? neg_a * o.dratio : Acc(0);
+  const Acc dl2 = clamp_passes(o.ratio, lo, hi, p) ? neg_a * o.dratio : Acc(0);
   if (l2 > l1) o.flags |= kFlagClipped;
   // clip_pg_losses1 = maximum(l1, l2)
   Acc c1, dc1;
@@ -294,7 +298,7 @@ TSPARSE_HD GrpoToken<Acc> grpo_token(Acc logp, Acc old_logp, Acc adv, Acc ref_lo
       const Acc r = exp_acc(kc);
       const Acc kld = r - kc - Acc(1);
       o.kl = clamp_acc(kld, Acc(-10), Acc(10));
-      const bool pass = clamp_passes(kld, Acc(-10), Acc(10)) && clamp_passes(kl, Acc(-20), Acc(20));
+      const bool pass = clamp_passes(kld, Acc(-10), Acc(10), p) && clamp_passes(kl, Acc(-20), Acc(20), p);
       o.dkl = pass ? -(r - Acc(1)) : Acc(0);
       break;
     }
