@@ -16,11 +16,12 @@ import sys
 
 import torch
 
-from . import bench_visual_tokens
+from . import bench_grpo, bench_visual_tokens
 from .common import Timer, environment, format_table, measure_copy_bandwidth, measure_matmul_tflops, save_json
 
 FAMILIES = {
     "visual_tokens": bench_visual_tokens.run,
+    "grpo": bench_grpo.run,
 }
 
 

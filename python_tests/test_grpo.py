@@ -962,3 +962,19 @@ def test_cuda_matches_cpu_for_odd_widths_and_alignments(v):
             close(lp_g, lp_c, atol=5e-5, rtol=1e-5)
             close(en_g, en_c, atol=5e-5, rtol=1e-5)
             close(g_g, g_c, atol=1e-6, rtol=1.6e-2)
+
+
+def test_logprobs_nan_logit_poisons_only_its_row(device):
+    """A NaN logit gives NaN log-prob and entropy for its row, as torch's log_softmax does, and
+    leaves the other rows alone (also for a NaN inside an otherwise -inf chunk)."""
+    x = random_logits(4, 2000, torch.float32, device)
+    x[0, 1234] = float("nan")
+    x[2, :] = -math.inf
+    x[2, 700] = float("nan")
+    x[2, 1999] = 1.0
+    tg = torch.tensor([5, 6, 1999, 8], device=device)
+    lp, en = logprobs(x, tg, return_entropy=True)
+    lp_r, en_r = ref.logprobs_ref(x, tg, return_entropy=True)
+    assert torch.isnan(lp[0]) and torch.isnan(en[0]) and torch.isnan(lp[2]) and torch.isnan(lp_r[0])
+    close(lp[[1, 3]], lp_r[[1, 3]], **value_tol(torch.float32, 2000))
+    close(en[[1, 3]], en_r[[1, 3]], **value_tol(torch.float32, 2000))

@@ -4,7 +4,9 @@
 // Rows are split over threads with at::parallel_for (OpenMP); each row is read once in
 // chunks of kChunk elements converted to the accumulator type (fp32, fp64 for fp64 logits):
 // each chunk's (max, sum, sum * z) state is formed against the chunk's maximum, then merged
-// into the row's state (as the CUDA kernels merge per-thread states).
+// into the row's state (as the CUDA kernels merge per-thread states). The fp32 element loops
+// are branch-free and vectorized (`omp simd`) with a polynomial exp; fp64 uses the scalar
+// grpo_math.h functions.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -14,6 +16,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -34,12 +38,175 @@ using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, floa
 
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kElemsPerTask / std::max<int64_t>(cols, 1)); }
 
+// ---- fp32 fast path (16/32-bit logits) ---------------------------------------------------
+// The per-element loops below are written so `#pragma omp simd` vectorizes them with the
+// baseline x86-64 ISA (no branches, no libm calls): exp comes from exp_nonpos. fp64 logits use
+// the scalar grpo_math.h functions (they exist for reference-precision tests).
+constexpr float kExpFloor = -87.0f;  // exp(x) < 1.7e-38 below: counted as 0
+
+// GCC only if-converts (and so vectorizes) the selects below without trapping-math: nothing
+// here reads floating-point exception flags, so the fast path drops them, in this region only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+// exp(x) for x <= 0 (small positive x is fine too): Cephes-style range reduction x = n ln2 + r
+// and a degree-6 polynomial (~1-2 ulp). x < kExpFloor is clamped (callers zero those terms);
+// NaN stays NaN.
+inline float exp_nonpos(float x) {
+  const float xc = x < kExpFloor ? kExpFloor : x;
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: (v + kRound) - kRound rounds v to an integer
+  const float fn = (xc * 1.44269504088896341f + kRound) - kRound;
+  const float r = (xc - fn * 0.693359375f) + fn * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(fn) + 127) << 23;
+  return y * __builtin_bit_cast(float, bits);
+}
+
+// The (max, sum exp, sum exp * z) state of z[0, n) (one chunk of a row).
+inline grpo::LseState<float> chunk_state(const float* z, int64_t n) {
+  float bm = -INFINITY;
+#pragma omp simd reduction(max : bm)
+  for (int64_t k = 0; k < n; ++k) bm = z[k] > bm ? z[k] : bm;
+  if (!(bm > -INFINITY)) {  // every element is -inf or NaN: contributes nothing, or NaN
+    for (int64_t k = 0; k < n; ++k) {
+      if (z[k] != z[k]) return {bm, NAN, NAN};
+    }
+    return grpo::lse_empty<float>();
+  }
+  float a = 0.0f, b = 0.0f;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t k = 0; k < n; ++k) {
+    const float t = z[k] - bm;  // <= 0, -inf for -inf logits, NaN for NaN / +inf
+    const float ex = exp_nonpos(t);
+    const float e = t < kExpFloor ? 0.0f : ex;
+    a += e;
+    b += e * (t < kExpFloor ? kExpFloor : t);
+  }
+  return {bm, a, b};
+}
+
+// d loss / d z_j * inv_temp for x[0, n) into out[0, n) (target NOT included: the caller adds it).
+inline void grad_chunk(const float* xf, float* out, int64_t n, const grpo::RowGrad<float>& g) {
+  const float m = g.row_max, la = g.log_norm, gl = g.g_logp, inv_temp = g.inv_temp;
+  if (g.g_ent == 0.0f) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      const float u = (xf[k] * inv_temp - m) - la;
+      const float ex = exp_nonpos(u);
+      const float p = u < kExpFloor ? 0.0f : ex;
+      out[k] = (-p * gl) * inv_temp;
+    }
+    return;
+  }
+  const float ge = g.g_ent, mu = g.mu;
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const float t = xf[k] * inv_temp - m;
+    const float u = t - la;
+    const float ex = exp_nonpos(u);
+    const float p = u < kExpFloor ? 0.0f : ex;
+    const float tc = t < -1e30f ? -1e30f : t;
+    out[k] = (-p * gl - ge * (p * (tc - mu))) * inv_temp;
+  }
+}
+
+// z[k] = float(x[k]) * scale and out[k] = scalar_t(g[k]), vectorized by hand for bf16 (a
+// shift, and round-to-nearest-even with NaN kept NaN, exactly c10::BFloat16's conversions).
+template <typename scalar_t>
+inline void load_scaled(const scalar_t* x, float* z, int64_t n, float scale) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const uint16_t* u = reinterpret_cast<const uint16_t*>(x);
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) z[k] = __builtin_bit_cast(float, uint32_t(u[k]) << 16) * scale;
+  } else {
+    for (int64_t k = 0; k < n; ++k) z[k] = static_cast<float>(x[k]) * scale;
+  }
+}
+
+template <typename scalar_t>
+inline void store_from_float(const float* g, scalar_t* out, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    uint16_t* u = reinterpret_cast<uint16_t*>(out);
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      const uint32_t b = __builtin_bit_cast(uint32_t, g[k]);
+      const uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+      u[k] = static_cast<uint16_t>(g[k] != g[k] ? 0x7FC0u : r);
+    }
+  } else {
+    for (int64_t k = 0; k < n; ++k) out[k] = static_cast<scalar_t>(g[k]);
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+// fp64: the shared scalar math.
+inline grpo::LseState<double> chunk_state(const double* z, int64_t n) {
+  double bm = grpo::neg_inf<double>();
+  for (int64_t k = 0; k < n; ++k) bm = grpo::max_acc(bm, z[k]);
+  grpo::LseState<double> cs = grpo::lse_empty<double>();
+  grpo::lse_raise_max(cs, bm);
+  for (int64_t k = 0; k < n; ++k) grpo::lse_add(cs, z[k]);
+  return cs;
+}
+
+// One row's state: chunks of kChunk elements converted to the accumulator type, each chunk's
+// state formed against its own maximum, then merged (two-level summation keeps the rounding
+// error at ~(kChunk + cols / kChunk) ulps instead of ~cols ulps for a serial sum).
+template <typename scalar_t>
+grpo::LseState<acc_of<scalar_t>> row_state(const scalar_t* x, int64_t cols, acc_of<scalar_t> inv_temp) {
+  using acc_t = acc_of<scalar_t>;
+  std::array<acc_t, kChunk> z;
+  grpo::LseState<acc_t> st = grpo::lse_empty<acc_t>();
+  for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, cols - c0);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      load_scaled(x + c0, z.data(), n, inv_temp);
+    } else {
+      for (int64_t k = 0; k < n; ++k) z[size_t(k)] = static_cast<acc_t>(x[c0 + k]) * inv_temp;
+    }
+    st = grpo::lse_merge(st, chunk_state(z.data(), n));
+  }
+  return st;
+}
+
 void check_targets_in_range(const at::Tensor& targets, int64_t cols, const char* op) {
   const int64_t* t = targets.data_ptr<int64_t>();
   const int64_t n = targets.size(0);
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK_INDEX(t[i] >= 0 && t[i] < cols, "tsparse.", op, ": `targets[", i, "]` = ", t[i],
                       " is out of range [0, ", cols, ")");
+  }
+}
+
+// One row of d loss / d logits into o[0, cols) (o may be x itself: in-place backward).
+template <typename scalar_t>
+void row_grad(const scalar_t* x, scalar_t* o, int64_t cols, int64_t t, const grpo::RowGrad<acc_of<scalar_t>>& g) {
+  using acc_t = acc_of<scalar_t>;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const float xt = static_cast<float>(x[t]);  // read before the row is overwritten
+    std::array<float, kChunk> xf, gf;
+    for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, cols - c0);
+      load_scaled(x + c0, xf.data(), n, 1.0f);
+      grad_chunk(xf.data(), gf.data(), n, g);
+      store_from_float(gf.data(), o + c0, n);
+    }
+    o[t] = static_cast<scalar_t>(grpo::logit_grad(xt, true, g));
+  } else {
+    for (int64_t j = 0; j < cols; ++j) {
+      o[j] = static_cast<scalar_t>(grpo::logit_grad(static_cast<acc_t>(x[j]), j == t, g));
+    }
   }
 }
 
@@ -77,10 +244,7 @@ void backward_into(const LogprobsBwdPrep& p, void* out_ptr, int64_t out_stride, 
         g.log_norm = lnorm[r];
         g.mu = g.g_ent != acc_t(0) ? g.log_norm - ent[r] : acc_t(0);
         const scalar_t* x = in + r * in_stride;
-        const int64_t t = tg[r];
-        for (int64_t j = 0; j < cols; ++j) {
-          o[j] = static_cast<scalar_t>(grpo::logit_grad(static_cast<acc_t>(x[j]), j == t, g));
-        }
+        row_grad<scalar_t>(x, o, cols, tg[r], g);
       }
     });
   });
@@ -118,24 +282,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_cpu(const at
     acc_t* en = with_entropy ? entropy.data_ptr<acc_t>() : nullptr;
     const acc_t inv_temp = static_cast<acc_t>(1.0 / temperature);
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t b, int64_t e) {
-      std::array<acc_t, kChunk> z;
       for (int64_t r = b; r < e; ++r) {
         const scalar_t* x = base + r * stride;
-        grpo::LseState<acc_t> st = grpo::lse_empty<acc_t>();
-        for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
-          const int64_t n = std::min(kChunk, cols - c0);
-          acc_t bm = grpo::neg_inf<acc_t>();
-          for (int64_t k = 0; k < n; ++k) {
-            z[size_t(k)] = static_cast<acc_t>(x[c0 + k]) * inv_temp;
-            bm = grpo::max_acc(bm, z[size_t(k)]);
-          }
-          // The chunk's own sums, then merged: two-level summation keeps the fp32 rounding
-          // error at ~(kChunk + cols / kChunk) ulps instead of ~cols ulps for a serial sum.
-          grpo::LseState<acc_t> cs = grpo::lse_empty<acc_t>();
-          grpo::lse_raise_max(cs, bm);
-          for (int64_t k = 0; k < n; ++k) grpo::lse_add(cs, z[size_t(k)]);
-          st = grpo::lse_merge(st, cs);
-        }
+        const grpo::LseState<acc_t> st = row_state<scalar_t>(x, cols, inv_temp);
         const grpo::RowStats<acc_t> rs = grpo::lse_finish(st);
         lp[r] = grpo::target_logp(static_cast<acc_t>(x[tg[r]]) * inv_temp, rs);
         rm[r] = rs.row_max;
