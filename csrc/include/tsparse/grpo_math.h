@@ -89,7 +89,7 @@ TSPARSE_HD LseState<Acc> lse_empty() {
 template <typename Acc>
 TSPARSE_HD void lse_raise_max(LseState<Acc>& s, Acc m_new) {
   if (!(m_new > s.m)) return;
-  if (s.m == neg_inf<Acc>()) {  // empty: a = b = 0 already
+  if (s.m == neg_inf<Acc>()) {  // empty (a = b = 0), or NaN-poisoned (kept)
     s.m = m_new;
     return;
   }
@@ -115,6 +115,9 @@ TSPARSE_HD void lse_add(LseState<Acc>& s, Acc z) {
 template <typename Acc>
 TSPARSE_HD LseState<Acc> lse_merge(const LseState<Acc>& x, const LseState<Acc>& y) {
   const Acc m = max_acc(x.m, y.m);
+  // A NaN seen anywhere poisons the row, even in a part whose maximum is -inf (the NaN does not
+  // raise the NaN-ignoring maximum).
+  if (x.a != x.a || y.a != y.a) return {m, x.a + y.a, x.a + y.a};
   if (m == neg_inf<Acc>()) return lse_empty<Acc>();
   LseState<Acc> r{m, Acc(0), Acc(0)};
   if (x.m != neg_inf<Acc>()) {
