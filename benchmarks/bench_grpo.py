@@ -67,6 +67,12 @@ def _liger():
     return dict(ce=liger_cross_entropy, grpo=triton_grpo_loss)
 
 
+def _eff(elems: int, ms: float) -> str:
+    """Effective rate against the single-read floor (4 bytes per bf16 element)."""
+    rate = 4 * elems / (ms * 1e-3)
+    return f"{rate / 1e12:.2f} TB/s" if rate >= 1e11 else f"{rate / 1e9:.2f} GB/s"
+
+
 def _first_scalar(out) -> torch.Tensor:
     while isinstance(out, (tuple, list)):
         out = out[0]
@@ -139,7 +145,7 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
         name = "logprobs fwd+bwd" + (" +entropy" if entropy else "")
         rows.append(Row(name, shape, dt, t_o["median_ms"], "torch fp32 autograd", t_b and t_b["median_ms"],
                         gbytes=6 * e / 1e9, peak_mb=mb(peak),
-                        note=f"eff {4 * e / (t_o['median_ms'] * 1e-3) / 1e12:.2f} TB/s (4 B/elem floor)"))
+                        note=f"eff {_eff(e, t_o['median_ms'])} (4 B/elem floor)"))
         log(f"  {name}: {t_o['median_ms']:.3f} ms")
 
     # ---- grpo_loss forward + backward (two streams, KL, entropy bonus) --------------------
@@ -163,7 +169,7 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
     torch_peak = "-" if not peak_b or peak_b["b"] is None else f"{mb(peak_b['b']):.0f} MB"
     rows.append(Row("grpo_loss fwd+bwd", shape + " 2 streams", dt, t_o["median_ms"], "torch fp32 verl-style",
                     t_b and t_b["median_ms"], gbytes=6 * e / 1e9, peak_mb=mb(peak),
-                    note=f"eff {4 * e / (t_o['median_ms'] * 1e-3) / 1e12:.2f} TB/s; torch peak {torch_peak}"))
+                    note=f"eff {_eff(e, t_o['median_ms'])}; torch peak {torch_peak}"))
     log(f"  grpo_loss fwd+bwd: {t_o['median_ms']:.3f} ms")
 
     # ---- Liger-Kernel (only where installed) --------------------------------------------
