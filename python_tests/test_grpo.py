@@ -57,6 +57,16 @@ def close(a, b, **tol):
     torch.testing.assert_close(a.to(torch.float64).cpu(), b.to(torch.float64).cpu(), equal_nan=True, **tol)
 
 
+def close_grad(g, g_ref, dtype):
+    """Gradients against the fp64 reference: grad_tol(dtype), plus 2e-5 of the largest gradient
+    for 16/32-bit logits - the entropy gradient's factor g_logp + g_ent * (z - mean z) cancels for
+    rare elements, and fp32 keeps the cancelled value only to ~1e-6 of its terms."""
+    tol = dict(grad_tol(dtype))
+    if dtype != torch.float64 and g_ref.numel():
+        tol["atol"] = max(tol["atol"], 2e-5 * g_ref.abs().max().item())
+    close(g, g_ref.to(dtype), **tol)
+
+
 def random_logits(t: int, v: int, dtype, device, scale: float = 3.0):
     return (torch.randn(t, v, dtype=torch.float64) * scale).to(dtype).to(device)
 
@@ -113,7 +123,7 @@ def test_logprobs_matches_reference(device, dtype, v, temperature):
     _, g = grad_of(objective(lambda z: logprobs(z, targets, temperature=temperature, return_entropy=True)), x)
     _, g_r = grad_of(objective(lambda z: ref.logprobs_ref(z, targets, temperature=temperature, return_entropy=True)), x)
     assert g.dtype == dtype
-    close(g, g_r.to(dtype) if dtype != torch.float64 else g_r, **grad_tol(dtype))
+    close_grad(g, g_r, dtype)
     # Without the entropy: the logp-only gradient (a separate kernel path: g_ent = 0).
     lp2, none = logprobs(x, targets, temperature=temperature)
     assert none is None
@@ -162,7 +172,7 @@ def test_logprobs_extreme_logits(device, dtype):
         _, g = grad_of(f(lambda z: logprobs(z, targets, temperature=temperature, return_entropy=True)), x)
         _, g_r = grad_of(f(lambda z: ref.logprobs_ref(z, targets, temperature=temperature, return_entropy=True)), x)
         assert torch.isfinite(g).all()
-        close(g[keep], g_r[keep].to(dtype), **grad_tol(dtype))
+        close_grad(g[keep], g_r[keep], dtype)
 
 
 def test_logprobs_empty_and_noncontiguous(device):
@@ -221,12 +231,17 @@ def test_logprobs_inplace_backward_falls_back_or_refuses_safely(device):
     assert torch.equal(leaf.detach(), before)
     _, g_r = grad_of(lambda z: ref.logprobs_ref(z, targets)[0].sum(), before)
     close(leaf.grad, g_r.float(), **grad_tol(torch.float32))
-    # create_graph=True: the logits are still needed, so the gradient is a fresh tensor.
+    # create_graph=True: the logits may still be needed, so the gradient is a fresh tensor (and
+    # differentiating it again raises: the ops are differentiable once).
     w = before.clone().requires_grad_()
     x = w * 1.5
     lp, _ = logprobs(x, targets, inplace_backward=True)
     (gx,) = torch.autograd.grad(lp.sum(), x, create_graph=True)
     assert torch.equal(x.detach(), before * 1.5)
+    _, gx_r = grad_of(lambda z: ref.logprobs_ref(z, targets)[0].sum(), before * 1.5)
+    close(gx, gx_r.float(), **grad_tol(torch.float32))
+    with pytest.raises(RuntimeError, match="differentiate twice a tsparse"):
+        torch.autograd.grad(gx.sum(), w)
     # Another node saved the same logits and runs its backward after ours: autograd refuses
     # (the in-place write bumped the version counter) instead of reading gradients as logits.
     w = before.clone().requires_grad_()
@@ -295,7 +310,7 @@ def test_grpo_loss_low_precision_logits(device, dtype):
     # reference's; compare the tokens whose ratio is not within 1e-5 of an edge.
     r = exp["ratio"].detach()
     safe = ((r - 0.8).abs() > 1e-5) & ((r - 1.2).abs() > 1e-5) & ((r - 3.0).abs() > 1e-5)
-    close(g[safe], g_r[safe].to(dtype), **grad_tol(dtype))
+    close_grad(g[safe], g_r[safe], dtype)
 
 
 def test_grpo_single_stream_equals_verl_formula_fp64(device):
@@ -978,3 +993,20 @@ def test_logprobs_nan_logit_poisons_only_its_row(device):
     assert torch.isnan(lp[0]) and torch.isnan(en[0]) and torch.isnan(lp[2]) and torch.isnan(lp_r[0])
     close(lp[[1, 3]], lp_r[[1, 3]], **value_tol(torch.float32, 2000))
     close(en[[1, 3]], en_r[[1, 3]], **value_tol(torch.float32, 2000))
+
+
+def test_second_derivative_raises_instead_of_silent_zeros(device):
+    d = grpo_inputs(10, 17, device)
+    for make in (
+        lambda x: logprobs(x, d["targets"], return_entropy=True)[1].sum(),
+        lambda x: grpo_loss(x, d["targets"], d["old"], d["adv"], d["mask"], ref_logp=d["ref"], kl_coef=0.1).loss,
+    ):
+        x = d["logits"].clone().requires_grad_()
+        (g,) = torch.autograd.grad(make(x), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice a tsparse"):
+            torch.autograd.grad(g.sum(), x)
+    hidden = torch.randn(10, 4, dtype=torch.float64, device=device, requires_grad=True)
+    weight = torch.randn(17, 4, dtype=torch.float64, device=device)
+    (g,) = torch.autograd.grad(fused_linear_logprobs(hidden, weight, d["targets"])[0].sum(), hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a tsparse"):
+        torch.autograd.grad(g.sum(), hidden)

@@ -26,6 +26,7 @@ kernels (no host sync): a bad target aborts the kernel with a device-side error 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Union
@@ -111,6 +112,40 @@ def _grpo_token_terms_fake(logp, old_logp, advantages, ref_logp, is_weights, cli
 
 # --------------------------------------------------------------------------------------
 # Autograd.
+def _differentiable_once(backward):
+    """Every backward here is differentiable once. With ``create_graph=True`` the gradients
+    are correct and carry a node that raises if they are differentiated again, instead of the
+    silently-zero second derivative the backward kernels (which have no derivative of their
+    own) would give. Like ``torch.autograd.function.once_differentiable``, but it also marks
+    gradients whose upstream gradients are constants (the dependence on the logits is through
+    saved tensors). Sets ``ctx.create_graph`` for the backward; ``ctx.anchors`` (set by the
+    backward) names the inputs the gradients depend on."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        ctx.create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not ctx.create_graph:
+            return outputs
+        tensors = [o for o in outputs if isinstance(o, Tensor)]
+        if not tensors:
+            return outputs
+        # The error node also takes a zero-size slice of the saved inputs, so a second
+        # differentiation with respect to them reaches it (and raises) instead of finding the
+        # gradients unconnected to the graph.
+        anchors = [t.narrow(0, 0, 0) for t in getattr(ctx, "anchors", ()) if t.requires_grad]
+        err = torch._C._functions.DelayedError(
+            b"tsparse: trying to differentiate twice a tsparse GRPO op; its backward is differentiable once",
+            len(tensors) + len(anchors),
+        )
+        marked = err(*[o.detach().requires_grad_() for o in tensors], *anchors)
+        marked = list(marked) if isinstance(marked, tuple) else [marked]
+        return tuple(marked.pop(0) if isinstance(o, Tensor) else o for o in outputs)
+
+    return wrapper
+
+
 def _entropy_grad(g_ent, entropy, rows):
     """The entropy output is [0] when it was not computed; its gradient is then unused."""
     if g_ent is None or entropy.shape[0] != rows:
@@ -128,6 +163,7 @@ def _logprobs_setup(ctx, inputs, output):
 
 def _logprobs_backward(ctx, g_logp, _g_row_max, _g_log_norm, g_ent):
     logits, targets, row_max, log_norm, entropy = ctx.saved_tensors
+    ctx.anchors = (logits,)
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
     g_ent = _entropy_grad(g_ent, entropy, logits.shape[0])
@@ -135,7 +171,9 @@ def _logprobs_backward(ctx, g_logp, _g_row_max, _g_log_norm, g_ent):
     return grad, None, None, None
 
 
-torch.library.register_autograd("tsparse::logprobs", _logprobs_backward, setup_context=_logprobs_setup)
+torch.library.register_autograd(
+    "tsparse::logprobs", _differentiable_once(_logprobs_backward), setup_context=_logprobs_setup
+)
 
 
 def _can_write_logits(logits: Tensor) -> bool:
@@ -162,12 +200,14 @@ class _LogprobsInplaceBackward(torch.autograd.Function):
         return logp, row_max, log_norm, entropy
 
     @staticmethod
+    @_differentiable_once
     def backward(ctx, g_logp, _g_row_max, _g_log_norm, g_ent):
         logits, targets, row_max, log_norm, entropy = ctx.saved_tensors
+        ctx.anchors = (logits,)
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         g_ent = _entropy_grad(g_ent, entropy, logits.shape[0])
-        if torch.is_grad_enabled() or not _can_write_logits(logits):
+        if ctx.create_graph or not _can_write_logits(logits):
             # create_graph=True (the logits are still needed) or a layout we cannot overwrite.
             grad = _ops.logprobs_backward(logits, targets, row_max, log_norm, entropy, g_logp, g_ent, ctx.temperature)
             return grad, None, None, None
@@ -289,8 +329,8 @@ def logprobs(
 
     Returns:
         ``(logp, entropy)``: float32 ``[T]`` (float64 for float64 logits); ``entropy`` is
-        ``None`` unless ``return_entropy``. Differentiable in ``logits`` (once: the backward is
-        not itself differentiable). Math in fp32 with an online (max, sum) log-sum-exp; no
+        ``None`` unless ``return_entropy``. Differentiable in ``logits`` once (a second
+        differentiation raises). Math in fp32 with an online (max, sum) log-sum-exp; no
         [T, V] fp32 temporary in forward or backward. No host sync.
 
     Raises:
@@ -308,11 +348,12 @@ def logprobs(
 def _token_terms_setup(ctx, inputs, output):
     _pg, _kl, _ratio, flags, dpg, dkl, dratio = output
     ctx.mark_non_differentiable(flags, dpg, dkl, dratio)
-    ctx.save_for_backward(dpg, dkl, dratio)
+    ctx.save_for_backward(inputs[0], dpg, dkl, dratio)
 
 
 def _token_terms_backward(ctx, g_pg, g_kl, g_ratio, _g_flags, _g_dpg, _g_dkl, _g_dratio):
-    dpg, dkl, dratio = ctx.saved_tensors
+    logp, dpg, dkl, dratio = ctx.saved_tensors
+    ctx.anchors = (logp,)
     grad = None
     if ctx.needs_input_grad[0]:
         for g, d in ((g_pg, dpg), (g_kl, dkl), (g_ratio, dratio)):
@@ -326,7 +367,7 @@ def _token_terms_backward(ctx, g_pg, g_kl, g_ratio, _g_flags, _g_dpg, _g_dkl, _g
 
 
 torch.library.register_autograd(
-    "tsparse::grpo_token_terms", _token_terms_backward, setup_context=_token_terms_setup
+    "tsparse::grpo_token_terms", _differentiable_once(_token_terms_backward), setup_context=_token_terms_setup
 )
 
 
@@ -773,8 +814,10 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @_differentiable_once
     def backward(ctx, g_logp, g_ent):
         hidden, weight, targets, row_max, log_norm, entropy = ctx.saved_tensors
+        ctx.anchors = (hidden, weight)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_h or need_w):
             return (None,) * 7
@@ -881,10 +924,12 @@ class _FusedLinearGRPO(torch.autograd.Function):
         if grad_w is not None and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
         ctx.grads = (grad_h, grad_w)
+        ctx.save_for_backward(hidden, weight)  # references only: anchors for create_graph
         ctx.mark_non_differentiable(logp, ratio, kl, pg, flags, entropy)
         return loss, logp, ratio, kl, pg, flags, entropy
 
     @staticmethod
+    @_differentiable_once
     def backward(ctx, g_loss, *_unused):
         if ctx.grads is None:
             raise RuntimeError(
@@ -893,6 +938,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
             )
         grad_h, grad_w = ctx.grads
         ctx.grads = None
+        ctx.anchors = ctx.saved_tensors
         if grad_h is not None:
             grad_h.mul_(g_loss.to(grad_h.dtype))
         if grad_w is not None:
