@@ -306,10 +306,10 @@ def test_grpo_loss_low_precision_logits(device, dtype):
     close(res.logp, exp["logp"], atol=3e-5, rtol=1e-5)
     _, g = grad_of(lambda z: grpo_loss(z, *args, **kw).loss, d["logits"])
     _, g_r = grad_of(lambda z: ref.grpo_loss_ref(z, *args, **kw)["loss"], d["logits"])
-    # Near the clip edges an fp32 ratio may fall on the other side of a boundary than the fp64
-    # reference's; compare the tokens whose ratio is not within 1e-5 of an edge.
+    # Near the clip edges an fp32 ratio (log-prob error ~1e-6) may fall on the other side of a
+    # boundary than the fp64 reference's; compare the tokens whose ratio is not within 1e-4 of one.
     r = exp["ratio"].detach()
-    safe = ((r - 0.8).abs() > 1e-5) & ((r - 1.2).abs() > 1e-5) & ((r - 3.0).abs() > 1e-5)
+    safe = ((r - 0.8).abs() > 1e-4) & ((r - 1.2).abs() > 1e-4) & ((r - 3.0).abs() > 1e-4)
     close_grad(g[safe], g_r[safe], dtype)
 
 
