@@ -63,8 +63,9 @@ def _probe_clamp_edges() -> int:
     passes the gradient, bit 1: ``x == max`` does). It changed in 2026 (pytorch PR 191142: older
     releases pass it, torch 2.14 gives 0, the minimum-norm subgradient); following the
     installed torch keeps the fused loss's gradient equal to verl's autograd on every version."""
-    x = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(torch.clamp(x, 0.0, 1.0).sum(), x)
+    with torch.inference_mode(False), torch.enable_grad():  # also when imported under no_grad
+        x = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad(torch.clamp(x, 0.0, 1.0).sum(), x)
     return int(g[0].item() != 0) | (int(g[1].item() != 0) << 1)
 
 
