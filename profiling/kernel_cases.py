@@ -24,7 +24,10 @@ import tsparse
 from tsparse.ops import (
     box_to_patch_mask,
     fuse_tokens,
+    fused_linear_grpo_loss,
     gather_tokens,
+    grpo_loss,
+    logprobs,
     pack_batch,
     pack_varlen,
     scatter_tokens,
@@ -99,9 +102,45 @@ def varlen_cases(device: torch.device, small: bool) -> list[Case]:
     ]
 
 
+def grpo_cases(device: torch.device, small: bool) -> list[Case]:
+    # Realistic: T = 4096 response tokens of Qwen2.5-VL's vocabulary (1.25 GB of bf16 logits).
+    t, v, h = (37, 1001, 24) if small else (4096, 152064, 3584)
+    logits = torch.randn(t, v, device=device).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, v, (t,), device=device)
+    old = torch.randn(t, device=device) - 5
+    adv = torch.randn(t, device=device)
+    mask = torch.rand(t, device=device) < 0.9
+    stream = (torch.arange(t, device=device) >= t // 2).long()
+    ref_logp = old + 0.01 * torch.randn(t, device=device)
+    hidden = torch.randn(min(t, 1024), h, device=device).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(v, h, device=device) * 0.02).to(torch.bfloat16).requires_grad_()
+    tl = hidden.shape[0]
+
+    def logprobs_fwd_bwd():
+        lp, ent = logprobs(logits, targets, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+
+    def grpo_fwd_bwd():
+        res = grpo_loss(logits, targets, old, adv, mask, ref_logp=ref_logp, kl_coef=0.01, entropy_coef=0.001,
+                        stream=stream, stream_weights=[1.0, 1.0])
+        res.loss.backward()
+
+    def fused_linear_fwd_bwd():
+        res = fused_linear_grpo_loss(hidden, weight, targets[:tl], old[:tl], adv[:tl], mask[:tl],
+                                     stream=stream[:tl], stream_weights=[1.0, 1.0])
+        res.loss.backward()
+
+    return [
+        ("logprobs fwd+bwd (entropy)", logprobs_fwd_bwd),
+        ("grpo_loss fwd+bwd (2 streams, KL, entropy)", grpo_fwd_bwd),
+        ("fused_linear_grpo_loss fwd+bwd", fused_linear_fwd_bwd),
+    ]
+
+
 CASES: dict[str, Callable[[torch.device, bool], list[Case]]] = {
     "visual_tokens": visual_token_cases,
     "varlen": varlen_cases,
+    "grpo": grpo_cases,
 }
 
 

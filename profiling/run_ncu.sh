@@ -8,7 +8,7 @@ out=${1:-ncu.csv}
 PY=${PYTHON:-python3}
 metrics=$("$PY" -c "import sys; sys.path.insert(0, 'profiling'); import ncu_summary as s; print(','.join(s.METRICS))")
 # Our kernels, plus cuBLAS GEMMs (the fusion's similarity matmul) for comparison.
-regex='regex:(compose|segment_reduce|row_inv_norms|build_inverse|box_mask|seqlens|scan_kernel|pack_kernel|gemm|Kernel|sm90|grpo|logprob|lse)'
+regex='regex:(compose|segment_reduce|row_inv_norms|build_inverse|box_mask|seqlens|scan_kernel|pack_kernel|logprobs_|grpo_token|gemm|Kernel|sm90)'
 ncu --clock-control none --target-processes all --profile-from-start off \
     --kernel-name "$regex" --metrics "$metrics" --csv --page raw \
     "$PY" profiling/kernel_cases.py --mode ncu > "$out" 2> /tmp/tsparse_ncu.err
