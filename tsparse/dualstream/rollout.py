@@ -198,7 +198,10 @@ def image_features(model, batch: dict) -> Tensor:
     embed = base.get_input_embeddings()
     if batch.get("pixel_values") is None:
         return embed.weight.new_zeros((0, embed.weight.shape[1]))
-    feats = base.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+    pixels = batch["pixel_values"]
+    # The grid stays on the host for pruning; the vision tower builds its positions on the
+    # grid's device, so it gets a copy next to the pixels.
+    feats = base.get_image_features(pixels, batch["image_grid_thw"].to(pixels.device))
     feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
     feats = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
     return feats.to(embed.weight.dtype)
@@ -291,6 +294,14 @@ def dense_stream_inputs(model, batch: dict, *, image_embeds: Tensor) -> SparseIn
 
 def _prompt_tensors(batch: dict) -> dict:
     return {k: batch[k] for k in _BATCH_KEYS if k in batch}
+
+
+def _generate_inputs(batch: dict) -> dict:
+    """The prompt tensors for ``generate``, every one on the ids' device (HF's vision tower
+    and rope index expect ``image_grid_thw`` next to the pixels)."""
+    out = _prompt_tensors(batch)
+    dev = out["input_ids"].device
+    return {k: v.to(dev) for k, v in out.items()}
 
 
 class _Phase:
@@ -389,7 +400,7 @@ class SparseRollout:
 
 
 def _generate_dense(model, prompt: dict, options: GenerationOptions, num_return_sequences: int) -> Tensor:
-    out = model.generate(**_prompt_tensors(prompt), num_return_sequences=num_return_sequences,
+    out = model.generate(**_generate_inputs(prompt), num_return_sequences=num_return_sequences,
                          **options.generate_kwargs())
     seq = out.sequences if hasattr(out, "sequences") else out
     return seq[:, prompt["input_ids"].shape[1]:]

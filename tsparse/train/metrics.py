@@ -98,14 +98,17 @@ def plot_metrics(records: Sequence[dict], path: Union[str, os.PathLike], *, titl
             prev = r.get("stage")
     for ax, (name, keys) in zip(axes.flat, _PANELS):
         drawn = False
+        lo, hi = math.inf, -math.inf
         for k in keys:
             pts = [(r["global_step"], r[k]) for r in records if isinstance(r.get(k), (int, float))]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=k)
+                lo, hi = min(lo, min(xs)), max(hi, max(xs))
                 drawn = True
-        for x, st in bounds:
-            ax.axvline(x - 0.5, color="0.7", lw=0.8, ls="--")
+        for x, st in bounds:  # stage boundaries inside this panel's steps (RL panels skip the warm-up)
+            if lo < x <= hi:
+                ax.axvline(x - 0.5, color="0.7", lw=0.8, ls="--")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
