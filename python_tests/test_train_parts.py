@@ -156,7 +156,7 @@ def test_plot_and_summary(tmp_path):
                           "localization": stage_means(recs, "localization", ["loss", "loc/format", "time/step"])},
                "evals": [{"label": "random init (untrained)", "n": 4, "loc_format": 0.0, "box_rate": 0.0, "iou": 0.0,
                           "loc_accuracy": 0.25, "sparse_format": 0.0, "sparse_accuracy": 0.0, "keep_ratio": 1.0,
-                          "fallback_rate": 1.0, "loc_length": 96.0, "seconds": 1.0}],
+                          "fallback_rate": 1.0, "sparse_length": 60.0, "seconds": 1.0}],
                "seconds": 3.0, "output_dir": "x"}
     text = format_summary(summary)
     lines = text.splitlines()

@@ -22,7 +22,6 @@ from tsparse.dualstream.policy import (  # noqa: E402
 from tsparse.dualstream.pruning import repeat_samples  # noqa: E402
 from tsparse.dualstream.rollout import (  # noqa: E402
     GenerationOptions,
-    evaluate,
     make_responses,
     response_mask,
     rollout_localization,
@@ -173,13 +172,15 @@ def test_sparse_rollout_rows_follow_their_parents(tiny_vl, synthetic_samples):
 
 
 def test_greedy_eval_of_the_random_model(tiny_vl, synthetic_samples):
+    from tsparse.train.evaluate import evaluate
+
     model, proc = tiny_vl
     method = load_method_config()
     res = evaluate(model, proc, synthetic_samples["one"][:3], method, max_new_tokens_localization=8,
                    max_new_tokens_sparse=6, batch_size=2)
     assert res.n == 3 and res.loc_format == 0.0 and res.box_rate == 0.0 and res.iou == 0.0
     assert res.keep_ratio == 1.0 and res.fallback_rate == 1.0  # no box: every image falls back
-    assert 1 <= res.loc_length <= 8 and 1 <= res.sparse_length <= 6 and res.seconds > 0
+    assert 1 <= res.sparse_length <= 6 and res.seconds > 0
     with pytest.raises(ValueError, match="samples"):
         evaluate(model, proc, [], method, max_new_tokens_localization=8, max_new_tokens_sparse=6)
 

@@ -36,7 +36,7 @@ from .advantages import LOCALIZATION, SPARSE
 from .config import PruningConfig
 from .format import STREAMS
 from .pruning import SparseInputs, _base_model, extend_sparse_inputs, sparse_stream_inputs
-from .rollout import Responses, dense_stream_inputs, image_features, take_samples
+from .rollout import Responses, batch_image_features, dense_stream_inputs, take_samples
 
 __all__ = [
     "LossSettings",
@@ -129,7 +129,7 @@ def question_features(model, prompt: dict, questions: Sequence[int]) -> Tensor:
     sub = take_samples({k: v for k, v in prompt.items() if k != "texts"}, list(questions),
                        image_token_id=int(base.config.image_token_id),
                        merge_size=int(getattr(base.config.vision_config, "spatial_merge_size", 2)))
-    return image_features(model, sub)
+    return batch_image_features(model, sub)
 
 
 def stream_forward_inputs(

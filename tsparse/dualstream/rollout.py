@@ -13,14 +13,11 @@ One training step of the dual-stream method (``shared/notes/method.md``) samples
 Rows are ordered as :mod:`~tsparse.dualstream.advantages` expects: localization rows
 question-major (row ``q * G + i``), sparse rows ``(q * G + i) * G' + j``.
 
-:func:`evaluate` runs both streams greedily (one response each) on a few samples and reports
-format rate, box rate, IoU, accuracy and keep ratio: the trainer's before/after check, and a
-building block for evaluation.
-
 Helpers shared with the trainer's log-prob forward: :class:`Responses` (ids, mask through
-the first stop token, texts), :func:`image_features`, :func:`take_samples` (any rows of a
-processor batch, images following), :func:`dense_stream_inputs` (the identity pruning, so
-both streams use one forward layout).
+the first stop token, texts), :func:`batch_image_features`, :func:`take_samples` (any rows of
+a processor batch, images following), :func:`dense_stream_inputs` (the identity pruning, so
+both streams use one forward layout). Greedy inference and evaluation are :mod:`tsparse.infer`
+and :mod:`tsparse.eval`.
 """
 
 from __future__ import annotations
@@ -34,10 +31,9 @@ import torch
 from torch import Tensor
 
 from .._nvtx import nvtx_range
-from .config import MethodConfig, PruningConfig, StreamPrompt
+from .config import PruningConfig, StreamPrompt
 from .format import BoxParse, parse_boxes
-from .pruning import SparseInputs, _base_model, _image_samples, sparse_stream_inputs
-from .rewards import score_dual_stream
+from .pruning import SparseInputs, _base_model, _image_samples, image_features, sparse_stream_inputs
 
 __all__ = [
     "FULL_IMAGE",
@@ -47,15 +43,13 @@ __all__ = [
     "response_mask",
     "make_responses",
     "tokenize_targets",
-    "image_features",
+    "batch_image_features",
     "take_samples",
     "dense_stream_inputs",
     "LocalizationRollout",
     "SparseRollout",
     "rollout_localization",
     "rollout_sparse",
-    "EvalResult",
-    "evaluate",
     "phase",
 ]
 
@@ -191,20 +185,14 @@ def tokenize_targets(processor, texts: Sequence[str], *, device=None) -> Respons
 
 
 # --------------------------------------------------------------------------------------
-def image_features(model, batch: dict) -> Tensor:
-    """``[N, D]`` merger outputs of every image in a processor batch (Qwen2.5-VL order);
+def batch_image_features(model, batch: dict) -> Tensor:
+    """``[N, D]`` merged visual tokens of every image in a processor batch (Qwen2.5-VL order;
+    :func:`~tsparse.dualstream.pruning.image_features`), in the embeddings' dtype;
     differentiable when autograd is on. ``[0, D]`` when the batch has no image."""
-    base = _base_model(model)
-    embed = base.get_input_embeddings()
+    embed = _base_model(model).get_input_embeddings()
     if batch.get("pixel_values") is None:
         return embed.weight.new_zeros((0, embed.weight.shape[1]))
-    pixels = batch["pixel_values"]
-    # The grid stays on the host for pruning; the vision tower builds its positions on the
-    # grid's device, so it gets a copy next to the pixels.
-    feats = base.get_image_features(pixels, batch["image_grid_thw"].to(pixels.device))
-    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
-    feats = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
-    return feats.to(embed.weight.dtype)
+    return image_features(model, batch["pixel_values"], batch["image_grid_thw"]).to(embed.weight.dtype)
 
 
 def take_samples(
@@ -439,7 +427,7 @@ def rollout_localization(
     with phase("encode", timings, device):
         enc = processor.encode_samples(list(samples), prompt, device=device)
     with phase("vision", timings, device):
-        feats = image_features(model, enc)
+        feats = batch_image_features(model, enc)
     with phase("generate", timings, device):
         ids = _generate_dense(model, enc, options, group_size)
     with phase("parse", timings, device):
@@ -493,7 +481,7 @@ def rollout_sparse(
         enc = processor.encode_samples(list(samples), prompt, device=device)
     if image_embeds is None:
         with phase("vision", timings, device):
-            image_embeds = image_features(model, enc)
+            image_embeds = batch_image_features(model, enc)
     with phase("prune", timings, device):
         index = [r // parents_per_question for r in range(q * parents_per_question)]
         rows = take_samples(_prompt_tensors(enc), index, image_token_id=int(base.config.image_token_id),
@@ -508,100 +496,3 @@ def rollout_sparse(
         ids = out.sequences if hasattr(out, "sequences") else out
         responses = make_responses(processor, ids, stop_token_ids(model, processor))
     return SparseRollout(enc, list(boxes), parents_per_question, inputs, group_size, responses, timings)
-
-
-# --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EvalResult:
-    """Greedy two-stream evaluation of ``n`` samples (means over them).
-
-    ``loc_format``: strict localization format rate; ``box_rate``: responses with a usable
-    box; ``iou``: the IoU reward; ``loc_accuracy``; ``sparse_format``, ``sparse_accuracy``:
-    of the answer from the pruned tokens; ``keep_ratio``: kept / dense visual tokens;
-    ``fallback_rate``: images without a usable box; ``loc_length``, ``sparse_length``:
-    response tokens; ``seconds``: wall time.
-    """
-
-    n: int
-    loc_format: float
-    box_rate: float
-    iou: float
-    loc_accuracy: float
-    sparse_format: float
-    sparse_accuracy: float
-    keep_ratio: float
-    fallback_rate: float
-    loc_length: float
-    sparse_length: float
-    seconds: float
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@torch.no_grad()
-def evaluate(
-    model,
-    processor,
-    samples: Sequence[Any],
-    method: MethodConfig,
-    *,
-    max_new_tokens_localization: int,
-    max_new_tokens_sparse: int,
-    batch_size: int = 16,
-    device: Union[str, torch.device] = "cpu",
-) -> EvalResult:
-    """Greedy localization -> parse -> prune -> greedy sparse answer on ``samples``, scored
-    with the method's rewards (one response per stream and sample). ``ValueError`` for no
-    samples."""
-    samples = list(samples)
-    if not samples:
-        raise ValueError("`samples` must not be empty")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
-    t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    loc_opts = GenerationOptions(max_new_tokens_localization, do_sample=False)
-    sp_opts = GenerationOptions(max_new_tokens_sparse, do_sample=False)
-    loc_terms, sp_terms = [], []
-    box_hits = kept = total = fallback = images = 0
-    loc_len = sp_len = 0
-    try:
-        for s in range(0, len(samples), batch_size):
-            chunk = samples[s:s + batch_size]
-            loc = rollout_localization(model, processor, chunk, method.prompts.localization, loc_opts,
-                                       group_size=1, max_boxes=method.format.max_boxes, device=device)
-            sp = rollout_sparse(model, processor, chunk, method.prompts.sparse, loc.boxes, sp_opts,
-                                parents_per_question=1, group_size=1, pruning=method.pruning,
-                                image_embeds=loc.image_embeds, device=device)
-            scores = score_dual_stream([[t] for t in loc.responses.texts], chunk,
-                                       [[[t]] for t in sp.responses.texts], weights=method.rewards,
-                                       max_boxes=method.format.max_boxes)
-            loc_terms += [row[0] for row in scores.localization]
-            sp_terms += [row[0][0] for row in scores.sparse]
-            box_hits += sum(1 for b in loc.boxes if b.boxes)
-            kept += int(sp.inputs.kept_counts.sum())
-            total += int(sp.inputs.total_counts.sum())
-            fallback += int(sp.inputs.fallback.sum())
-            images += int(sp.inputs.fallback.numel())
-            loc_len += int(loc.responses.lengths.sum())
-            sp_len += int(sp.responses.lengths.sum())
-    finally:
-        model.train(was_training)
-    n = len(samples)
-    mean = lambda xs, key: sum(getattr(r, key) or 0.0 for r in xs) / len(xs)  # noqa: E731
-    return EvalResult(
-        n=n,
-        loc_format=mean(loc_terms, "format"),
-        box_rate=box_hits / n,
-        iou=mean(loc_terms, "iou"),
-        loc_accuracy=mean(loc_terms, "accuracy"),
-        sparse_format=mean(sp_terms, "format"),
-        sparse_accuracy=mean(sp_terms, "accuracy"),
-        keep_ratio=kept / total if total else 1.0,
-        fallback_rate=fallback / images if images else 0.0,
-        loc_length=loc_len / n,
-        sparse_length=sp_len / n,
-        seconds=time.perf_counter() - t0,
-    )

@@ -14,7 +14,7 @@ phase (``time/rollout_localization``, ``time/prune``, ``time/rollout_sparse``,
 ``sft/loss`` and ``sft/nll/<stream>``.
 
 ``<output_dir>/eval.jsonl``: the greedy evaluations (``label``, then
-:class:`~tsparse.dualstream.rollout.EvalResult`'s fields).
+:class:`~tsparse.train.evaluate.EvalResult`'s fields).
 """
 
 from __future__ import annotations
@@ -173,10 +173,10 @@ def format_summary(summary: dict) -> str:
     if evals:
         n = evals[0].get("n")
         headers = ["model", "loc format", "box rate", "IoU", "loc acc", "sparse format", "sparse acc",
-                   "keep ratio", "fallback", "loc len", "eval s"]
+                   "keep ratio", "fallback", "eval s"]
         rows = [[e["label"], _fmt(e["loc_format"]), _fmt(e["box_rate"]), _fmt(e["iou"]), _fmt(e["loc_accuracy"]),
                  _fmt(e["sparse_format"]), _fmt(e["sparse_accuracy"]), _fmt(e["keep_ratio"]),
-                 _fmt(e["fallback_rate"]), _fmt(e["loc_length"], 1), _fmt(e["seconds"], 1)] for e in evals]
+                 _fmt(e["fallback_rate"]), _fmt(e["seconds"], 1)] for e in evals]
         out.append("")
         out.append(f"Greedy evaluation on {n} validation samples (localization -> boxes -> pruned sparse answer)")
         out.append(_table(headers, rows))

@@ -61,7 +61,6 @@ from ..dualstream.rewards import score_dual_stream
 from ..dualstream.rollout import (
     GenerationOptions,
     Responses,
-    evaluate,
     phase,
     rollout_localization,
     rollout_sparse,
@@ -69,6 +68,7 @@ from ..dualstream.rollout import (
 )
 from . import checkpoint as ckpt
 from .config import STAGES, ConfigError, TrainConfig
+from .evaluate import evaluate
 from .metrics import TRAIN_KEYS, MetricsLogger, format_summary, plot_metrics, read_jsonl, stage_means
 from .optim import TrainerOptimizer, lr_at
 
@@ -580,8 +580,7 @@ class Trainer:
         with nvtx_range("eval"):
             res = evaluate(self.model, self.processor, self.val_samples, self.method,
                            max_new_tokens_localization=r.max_new_tokens.localization,
-                           max_new_tokens_sparse=r.max_new_tokens.sparse, batch_size=self.cfg.eval.batch_size,
-                           device=self.device)
+                           max_new_tokens_sparse=r.max_new_tokens.sparse, batch_size=self.cfg.eval.batch_size)
         rec = {"label": label, **res.as_dict()}
         self.state["evals"].append(rec)
         self._write_evals()
