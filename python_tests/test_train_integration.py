@@ -177,6 +177,10 @@ def test_resume_mid_stage_reproduces_the_uninterrupted_run(pipeline, tmp_path, c
     assert resumed.state["global_step"] == WARMUP_STEPS + 1 and resumed.state["completed"] == ["warmup"]
     assert _same(_params(resumed.model), _saved_params(ck / "localization-step000001"))
     assert not _same(_params(resumed.model), _saved_params(ck / "localization-final"))
+    # A KL reference of the resumed stage is the policy the stage STARTED from (warm-up's end).
+    assert resumed.state["stage_start"] == str(ck / "warmup-final" / "model")
+    assert _same(_params(resumed._reference()), _saved_params(ck / "warmup-final"))
+    resumed._ref_model = None
     resumed.run()
     recs = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     assert [(r["stage"], r["step"], r["global_step"]) for r in recs] == [("localization", 2, WARMUP_STEPS + 2)]
@@ -193,3 +197,33 @@ def test_resume_mid_stage_reproduces_the_uninterrupted_run(pipeline, tmp_path, c
     recs = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     assert [(r["stage"], r["step"]) for r in recs] == [("localization", 2), ("sparse", 1)]
     assert find_latest(tmp_path / "resumed").name == "sparse-final"
+
+
+def test_mini_batches_epochs_micro_batches_kl_and_frozen_vision(pipeline, tmp_path):
+    """The other update paths of a GRPO step on the warmed-up model: 2 mini-batches x 2 PPO
+    epochs (4 optimizer steps, the later ones off-policy: ratios != 1), one row per forward,
+    a KL penalty against the frozen stage-start policy, sequence-mean aggregation, logits
+    materialized (fused_linear off), gradient checkpointing, and a frozen vision tower."""
+    base = dict(pipeline.base)
+    base.update(output_dir=str(tmp_path / "run"), stages={
+        "run": ["localization"],
+        "localization": {"steps": 1, "questions_per_step": 2, "ppo_epochs": 2, "mini_batches": 2,
+                         "micro_batch_size": 1, "lr": 1.0e-3}})
+    base["model"] = {"path": str(pipeline.out / "checkpoints" / "warmup-final" / "model"),
+                     "gradient_checkpointing": True, "freeze_vision": True}
+    base["loss"] = {"kl_coef": 0.05, "loss_agg": "seq-mean-token-mean", "fused_linear": False}
+    base["rollout"] = {**base["rollout"], "temperature": 1.0}
+    base["eval"] = {"samples": 0}
+    trainer = Trainer(load_train_config(base=base), log=lambda s: None)
+    before = _params(trainer.model)
+    trainer.run()
+    rec = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert rec["optimizer_steps"] == 4 and math.isfinite(rec["loss"])
+    assert "kl_loss/localization" in rec and rec["kl_loss/localization"] > 0.0
+    assert abs(rec["actor/ppo_kl/localization"]) > 0.0  # later optimizer steps ran off-policy (ratio != 1)
+    assert rec["time/ref_logp"] > 0
+    assert rec["tokens/trained"] == pytest.approx(2 * 4 * rec["loc/response_len"])  # 2 epochs x 4 rollouts
+    after = _params(trainer.model)
+    vision = [k for k in before if k.startswith("model.visual.")]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert not all(torch.equal(before[k], after[k]) for k in before if k not in vision)

@@ -199,6 +199,10 @@ class Trainer:
         self._write_evals()
         (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=1), encoding="utf-8")
         self.optimizer: Optional[TrainerOptimizer] = None
+        self._ref_model = None
+        if payload is None and ckpt.find_latest(self.out) is not None:
+            self.log(f"[tsparse.train] note: {self.out} holds checkpoints of an earlier run; this fresh run "
+                     f"overwrites them (--resume continues it instead)")
 
     # ---------------------------------------------------------------------------------
     # Setup helpers
@@ -489,14 +493,16 @@ class Trainer:
         return rec
 
     def _reference(self):
-        """A frozen copy of the policy at the start of the stage (the KL reference)."""
-        ref = getattr(self, "_ref_model", None)
-        if ref is None or self._ref_stage != self.state["stage"]:
-            import copy
-
-            ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-            self._ref_model, self._ref_stage = ref, self.state["stage"]
-        return ref
+        """The KL reference: the frozen policy this stage started from. A stage that starts
+        in this process copies the model before its first step (:meth:`_run_stage`); a stage
+        resumed mid-way reloads its starting weights from ``state["stage_start"]`` (the
+        previous stage's final checkpoint, or ``model.path``)."""
+        if self._ref_model is None:
+            src = self.state.get("stage_start") or self.cfg.model.path
+            self._ref_model, _ = load_model_and_processor(src, dtype=self.dtype, device=self.device,
+                                                          tiny_config=self.cfg.model.tiny_config)
+            self._ref_model.eval().requires_grad_(False)
+        return self._ref_model
 
     # ---------------------------------------------------------------------------------
     # Stage 0: supervised warm-up
@@ -616,7 +622,17 @@ class Trainer:
         resuming = self.state["stage"] == stage and not self.state["stage_done"]
         start = int(self.state["step"]) if resuming else 0
         if not resuming:
-            self.state.update(stage=stage, step=0, stage_done=False, opt_steps=0)
+            # Where this stage's starting weights can be reloaded from (the KL reference of a run
+            # resumed mid-stage): the previous stage's final checkpoint, else what was loaded.
+            prev = [s for s in STAGES[:idx] if s in self.state["completed"]]
+            prev_ckpt = self.ckpt_root / ckpt.checkpoint_name(prev[-1], None) / "model" if prev else None
+            start_from = str(prev_ckpt) if prev_ckpt is not None and prev_ckpt.is_dir() else self.model_path
+            self.state.update(stage=stage, step=0, stage_done=False, opt_steps=0, stage_start=start_from)
+        self._ref_model = None
+        if stage != "warmup" and self.cfg.loss.kl_coef > 0 and not resuming:
+            import copy
+
+            self._ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self._stage_lr = self._stage_lr_of(stage)
         self._stage_opt_steps = steps if stage == "warmup" else steps * scfg.mini_batches * scfg.ppo_epochs
         self.optimizer = self._make_optimizer(self._stage_lr)
