@@ -112,3 +112,20 @@ def test_cli_reports_config_errors(capsys, tmp_path):
 def test_resume_without_a_checkpoint_is_an_error(capsys, tmp_path):
     rc = cli_main(["--config", "demo", "--output-dir", str(tmp_path), "--resume", "eval.samples=0"])
     assert rc == 2 and "no checkpoint" in capsys.readouterr().err
+
+
+def test_missing_data_and_model_fail_before_loading_a_model(tmp_path):
+    from tsparse.train.trainer import Trainer
+
+    common = ["device=cpu", f"output_dir={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError, match="data.train"):
+        Trainer(load_train_config("lingshu7b", common))
+    with pytest.raises(ConfigError, match="data.val"):
+        Trainer(load_train_config("lingshu7b", common + ["data.train=synthetic", "eval.samples=4",
+                                                         f"data.synthetic_root={tmp_path / 'data'}",
+                                                         "data.synthetic_splits={train: 2, val: 2}"]))
+    with pytest.raises(ConfigError, match="model.path"):
+        Trainer(load_train_config("lingshu7b", common + ["data.train=synthetic", f"data.synthetic_root={tmp_path / 'd'}",
+                                                         "data.synthetic_splits={train: 2}"]))
+    with pytest.raises(ConfigError, match="no such file"):
+        Trainer(load_train_config("demo", common + [f"data.train={tmp_path / 'nope.json'}"]))

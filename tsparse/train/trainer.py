@@ -170,6 +170,8 @@ class Trainer:
                 raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_root} (no `latest`)")
             payload = ckpt.load_trainer_state(self.resume_from)
 
+        # Data first: a bad data path fails before a large model is loaded.
+        self.train_samples, self.val_samples = self._load_data()
         model_path = str(self.resume_from / "model") if self.resume_from else config.model.path
         if model_path is None:
             raise ConfigError("`model.path` is not set: pass --model PATH (a local Qwen2.5-VL-family checkpoint) "
@@ -186,7 +188,6 @@ class Trainer:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.eval()
 
-        self.train_samples, self.val_samples = self._load_data()
         self.state = dict(payload["state"]) if payload else {
             "stage": None, "step": 0, "stage_done": False, "completed": [], "global_step": 0, "opt_steps": 0,
             "evals": []}
