@@ -1,4 +1,4 @@
-"""Rollouts of the two streams with HF ``generate``, and a quick greedy evaluation.
+"""Rollouts of the two streams with HF ``generate`` (sampling, G per group).
 
 One training step of the dual-stream method (``shared/notes/method.md``) samples:
 
