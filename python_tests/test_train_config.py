@@ -125,7 +125,7 @@ def test_missing_data_and_model_fail_before_loading_a_model(tmp_path):
                                                          f"data.synthetic_root={tmp_path / 'data'}",
                                                          "data.synthetic_splits={train: 2, val: 2}"]))
     with pytest.raises(ConfigError, match="model.path"):
-        Trainer(load_train_config("lingshu7b", common + ["data.train=synthetic", f"data.synthetic_root={tmp_path / 'd'}",
-                                                         "data.synthetic_splits={train: 2}"]))
+        Trainer(load_train_config("lingshu7b", common + ["data.train=synthetic", "data.synthetic_splits={train: 2}",
+                                                         f"data.synthetic_root={tmp_path / 'd'}"]))
     with pytest.raises(ConfigError, match="no such file"):
         Trainer(load_train_config("demo", common + [f"data.train={tmp_path / 'nope.json'}"]))

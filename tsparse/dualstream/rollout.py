@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .._nvtx import nvtx_range
 from .config import PruningConfig, StreamPrompt
-from .format import BoxParse, parse_boxes
+from .format import parse_boxes
 from .pruning import SparseInputs, _base_model, _image_samples, image_features, sparse_stream_inputs
 
 __all__ = [

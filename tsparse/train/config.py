@@ -249,10 +249,10 @@ class OptimSection:
     """AdamW. ``lr`` (per-stage ``lr`` overrides it), ``weight_decay``, ``betas``, ``eps``;
     ``max_grad_norm`` (0: no clipping); ``warmup_steps``: linear learning-rate warm-up of
     each stage; ``schedule``: ``constant`` or ``cosine`` (decay over each stage's optimizer
-    steps to ``min_lr_ratio`` of the stage's lr); ``master_weights``: ``none`` (the optimizer updates the parameters in their
-    own dtype), ``device`` (an fp32 master copy and fp32 Adam states on the model's device)
-    or ``cpu`` (on the CPU: a 7B model's fp32 states do not fit one GPU) - needed for
-    bf16 models, where small updates round away."""
+    steps to ``min_lr_ratio`` of the stage's lr); ``master_weights``: ``none`` (the optimizer
+    updates the parameters in their own dtype), ``device`` (an fp32 master copy and fp32
+    Adam states on the model's device) or ``cpu`` (on the CPU: a 7B model's fp32 states do
+    not fit one GPU) - needed for bf16 models, where small updates round away."""
 
     lr: float = 1e-6
     weight_decay: float = 0.01

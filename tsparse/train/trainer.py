@@ -23,7 +23,6 @@ in :mod:`tsparse.dualstream`; this module schedules it, logs, evaluates and chec
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -371,7 +370,8 @@ class Trainer:
                         lens_t = torch.tensor(lens, device=h.device)
                         adv.append(torch.repeat_interleave(table.advantages[crow].to(h.device), lens_t))
                         st.append(torch.full((h.shape[0],), table.stream, dtype=torch.int64, device=h.device))
-                        seq.append(torch.repeat_interleave(torch.arange(n_seq, n_seq + len(crow), device=h.device), lens_t))
+                        seq_no = torch.arange(n_seq, n_seq + len(crow), device=h.device)
+                        seq.append(torch.repeat_interleave(seq_no, lens_t))
                         n_seq += len(crow)
                         m_tok[table.stream] += int(sum(lens))
                         m_seq[table.stream] += len(crow)
@@ -389,7 +389,8 @@ class Trainer:
                                       seq_ids=torch.cat(seq), ref_logp=torch.cat(ref).to(hs[0].device) if ref else None,
                                       return_entropy=True)
                     if not torch.isfinite(res.loss):
-                        raise FloatingPointError(f"non-finite loss {float(res.loss)} at stage step {self.state['step']}")
+                        raise FloatingPointError(
+                            f"non-finite loss {float(res.loss)} at {self.state['stage']} step {self.state['step'] + 1}")
                     res.loss.backward()
                     step_loss += float(res.loss.detach())
                     for k, v in res.verl_metrics(list(_STREAM_NAMES)).items():
