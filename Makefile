@@ -1,8 +1,9 @@
 # tsparse - the two commands for a fresh machine (see README):
-#   make demo   creates .venv if missing, installs the pinned dependencies, builds, runs the main job
+#   make demo   creates .venv if missing, installs the pinned dependencies, builds, runs the main job:
+#               the dual-stream trainer on the tiny model and synthetic scans (configs/demo.yaml)
 #   make test   the same setup, then the whole test suite
-# Other targets: make bench (benchmarks), make wheel (a wheel with the CUDA kernels),
-# make build (incremental rebuild of tsparse._C), make lock (re-pin requirements/dev.lock).
+# Other targets: make bench (benchmarks and the op report), make wheel (a wheel with the CUDA
+# kernels), make build (incremental rebuild of tsparse._C), make lock (re-pin requirements/dev.lock).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -13,6 +14,7 @@ MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: setup build test demo bench wheel lock info clean
 
@@ -37,8 +39,11 @@ build: setup
 test: build
 	$(PY) -m pytest python_tests $(PYTEST_ARGS)
 
+# The main job: stage 0 (format warm-up), stage 1 (localization GRPO) and stage 2 (sparse GRPO)
+# on the tiny model, then the summary tables. Output in runs/demo (DEMO_ARGS: overrides, e.g.
+# DEMO_ARGS="stages.warmup.steps=100 device=cpu").
 demo: build
-	$(PY) -m benchmarks.report $(BENCH_ARGS)
+	$(PY) -m tsparse.train --config configs/demo.yaml $(DEMO_ARGS)
 
 # Freed memory stays mapped during CPU benchmarks, so they time kernels, not page faults.
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1099511627776 MALLOC_TRIM_THRESHOLD_=1099511627776

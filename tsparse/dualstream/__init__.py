@@ -13,6 +13,10 @@ Modules, by what they do:
 * :mod:`.pruning` - Qwen2.5-VL pruning to the boxes (:func:`sparse_stream_inputs`), with the
   original M-RoPE positions, plus response extension and generation on the sparse inputs.
 * :mod:`.advantages` - two-level GRPO advantages and the stream ids of the decoupled loss.
+* :mod:`.rollout` - both streams' rollouts with HF ``generate`` (G per question, G' per
+  localization response), responses cut at the first stop token.
+* :mod:`.policy` - the training forward of both streams, the decoupled GRPO loss and the
+  warm-up loss on tsparse's fused GRPO ops.
 * :mod:`.data` - ViTAR-16K-format JSON, the synthetic scan dataset, chat messages.
 * :mod:`.models` - the tiny offline Qwen2.5-VL + tokenizer, the processor, checkpoint loading.
 * :mod:`.config` - ``configs/dualstream.yaml`` (prompts, format, rewards, pruning, grouping).
@@ -20,7 +24,7 @@ Modules, by what they do:
 transformers is imported only when a model or processor is built.
 """
 
-from . import advantages, config, data, format, models, pruning, rewards
+from . import advantages, config, data, format, models, policy, pruning, rewards, rollout
 from .advantages import (
     LOCALIZATION,
     SPARSE,
@@ -78,7 +82,7 @@ from .rewards import (
 )
 
 __all__ = [
-    "advantages", "config", "data", "format", "models", "pruning", "rewards",
+    "advantages", "config", "data", "format", "models", "policy", "pruning", "rewards", "rollout",
     "LOCALIZATION", "SPARSE", "STREAMS",
     "DualStreamAdvantages", "dual_stream_advantages", "grpo_advantages", "expand_to_tokens", "expand_to_packed",
     "AdvantageConfig", "FormatConfig", "MethodConfig", "PromptConfig", "PruningConfig", "RewardWeights",

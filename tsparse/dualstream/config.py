@@ -23,6 +23,7 @@ __all__ = [
     "config_dir",
     "resolve_config_path",
     "load_yaml",
+    "yaml_loader",
     "StreamPrompt",
     "PromptConfig",
     "FormatConfig",
@@ -61,14 +62,33 @@ def resolve_config_path(name_or_path: PathLike) -> Path:
     raise FileNotFoundError(f"config {str(name_or_path)!r} not found as a file nor under {base}")
 
 
+def yaml_loader():
+    """PyYAML's ``SafeLoader`` reading numbers as YAML 1.2 does: ``1e-6`` (no dot) is a
+    float, not the string PyYAML's YAML 1.1 rules make of it."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+                   r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
 def load_yaml(name_or_path: PathLike) -> dict:
     """Reads a YAML config (see :func:`resolve_config_path`) into a dict; ``ValueError`` when
-    the top level is not a mapping."""
+    the top level is not a mapping. Numbers such as ``1e-6`` are floats (:func:`yaml_loader`)."""
     import yaml
 
     path = resolve_config_path(name_or_path)
     with open(path, "r", encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+        data = yaml.load(f, Loader=yaml_loader())
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -1,0 +1,165 @@
+"""The trainer's parts: fp32-master AdamW, the learning-rate schedule, micro-batch splits,
+checkpoint files and RNG state, metrics JSON Lines, the plot and the summary tables."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tsparse.train import checkpoint as ckpt
+from tsparse.train.metrics import MetricsLogger, format_summary, plot_metrics, read_jsonl, stage_means
+from tsparse.train.optim import TrainerOptimizer, lr_at
+from tsparse.train.trainer import micro_batches, pick_device, pick_dtype
+
+
+def _steps(opt: TrainerOptimizer, p: torch.nn.Parameter, n: int, grad: float = 1.0) -> None:
+    for _ in range(n):
+        opt.zero_grad()
+        p.grad = torch.full_like(p, grad)
+        opt.clip_and_step(0.0)
+
+
+def test_master_weights_keep_small_updates_a_bf16_model_would_round_away():
+    """lr 1e-3 steps on a bf16 weight of 1.0 (bf16 spacing there: 2^-7): plain AdamW never
+    moves it; with an fp32 master copy the updates accumulate."""
+    plain = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    mastered = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    o1 = TrainerOptimizer([plain], lr=1e-3, weight_decay=0.0)
+    o2 = TrainerOptimizer([mastered], lr=1e-3, weight_decay=0.0, master_weights="device")
+    _steps(o1, plain, 20)
+    _steps(o2, mastered, 20)
+    assert torch.equal(plain.detach(), torch.ones(4, dtype=torch.bfloat16))
+    master = o2.master_parameters()[0]
+    assert master.dtype == torch.float32 and float(master[0].detach()) == pytest.approx(0.98, abs=2e-4)
+    assert torch.equal(mastered.detach(), master.detach().to(torch.bfloat16))
+    assert float(mastered.detach()[0]) < 0.99
+
+
+@pytest.mark.parametrize("master", ["none", "cpu"])
+def test_optimizer_state_round_trips(master):
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5))
+    b = torch.nn.Parameter(a.detach().clone())
+    oa = TrainerOptimizer([a], lr=0.1, master_weights=master)
+    _steps(oa, a, 3, grad=0.5)
+    buf = io.BytesIO()
+    torch.save(oa.state_dict(), buf)  # as a checkpoint stores it (no tensor shared with `oa`)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        b.copy_(a)
+    ob = TrainerOptimizer([b], lr=0.1, master_weights=master)
+    ob.load_state_dict(state)
+    _steps(oa, a, 2, grad=-0.3)
+    _steps(ob, b, 2, grad=-0.3)
+    assert torch.equal(a.detach(), b.detach())
+    other = "cpu" if master == "none" else "none"
+    with pytest.raises(ValueError, match="master_weights"):
+        TrainerOptimizer([b], lr=0.1, master_weights=other).load_state_dict(state)
+
+
+def test_clip_and_step_reports_the_norm_and_clips():
+    p = torch.nn.Parameter(torch.zeros(4))
+    o = TrainerOptimizer([p], lr=1.0, weight_decay=0.0)
+    p.grad = torch.full((4,), 3.0)
+    assert o.clip_and_step(1.0) == pytest.approx(6.0)
+    assert torch.allclose(p.grad, torch.full((4,), 0.5), atol=1e-6)
+    o.zero_grad()
+    p.grad = torch.tensor([float("nan"), 0, 0, 0])
+    before = p.detach().clone()
+    assert math.isnan(o.clip_and_step(1.0)) and torch.equal(p.detach(), before)  # non-finite: no step
+    with pytest.raises(ValueError, match="trainable"):
+        TrainerOptimizer([torch.nn.Parameter(torch.zeros(1), requires_grad=False)], lr=1.0)
+
+
+def test_lr_schedule():
+    assert [lr_at(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = [lr_at(s, 1.0, 0, total_steps=5, schedule="cosine", min_lr_ratio=0.1) for s in range(6)]
+    assert cos[0] == 1.0 and cos[-1] == pytest.approx(0.1) and cos == sorted(cos, reverse=True)
+    assert lr_at(2, 1.0, 0, total_steps=4, schedule="cosine") == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(1, 1.0, 0, total_steps=4, schedule="linear")
+
+
+def test_micro_batches_split_each_stream_evenly():
+    assert micro_batches([[0, 1, 2], [0, 1, 2, 3, 4, 5]], None) == [[[0, 1, 2], [0, 1, 2, 3, 4, 5]]]
+    assert micro_batches([[0, 1, 2], [0, 1, 2, 3, 4, 5]], 2) == [[[0], [0, 1]], [[1], [2, 3]], [[2], [4, 5]]]
+    assert micro_batches([[0, 1], []], 1) == [[[0], []], [[1], []]]
+
+
+def test_device_and_dtype_choice():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            pick_device("cuda")
+
+
+def test_rng_state_round_trips():
+    state = ckpt.rng_state()
+    a = (random.random(), float(np.random.rand()), torch.rand(3))
+    ckpt.set_rng_state(state)
+    b = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_checkpoint_pruning_keeps_finals_and_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name in ("localization-step000002", "localization-step000004", "localization-step000006",
+                 "localization-final", "sparse-step000002"):
+        (root / name / "model").mkdir(parents=True)
+        torch.save({"state": {}}, root / name / ckpt.STATE_FILE)
+    (root / "latest").write_text("localization-step000002\n")
+    removed = ckpt.prune_checkpoints(root, "localization", keep_last=1)
+    assert [p.name for p in removed] == ["localization-step000004"]
+    left = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert left == ["localization-final", "localization-step000002", "localization-step000006", "sparse-step000002"]
+    assert ckpt.find_latest(tmp_path) == root / "localization-step000002"
+    assert ckpt.checkpoint_name("sparse", 12) == "sparse-step000012" and ckpt.checkpoint_name("sparse", None) == \
+        "sparse-final"
+    with pytest.raises(FileNotFoundError, match="not a tsparse.train checkpoint"):
+        ckpt.load_trainer_state(tmp_path)
+
+
+def test_metrics_logger_truncates_keeps_and_drops_non_finite(tmp_path):
+    path = tmp_path / "m.jsonl"
+    log = MetricsLogger(path)
+    for g in range(1, 5):
+        log.log({"stage": "localization" if g < 3 else "sparse", "global_step": g, "loss": float(g),
+                 "keep_ratio": 0.5 if g >= 3 else None, "x": float("inf")})
+    rows = read_jsonl(path)
+    assert [r["global_step"] for r in rows] == [1, 2, 3, 4] and rows[0]["x"] is None
+    assert stage_means(rows, "sparse", ["loss", "keep_ratio", "missing"]) == {"steps": 2, "loss": 3.5,
+                                                                              "keep_ratio": 0.5}
+    MetricsLogger(path, truncate=False).keep_until(2)
+    assert [r["global_step"] for r in read_jsonl(path)] == [1, 2]
+    MetricsLogger(path)
+    assert read_jsonl(path) == []
+
+
+def test_plot_and_summary(tmp_path):
+    pytest.importorskip("matplotlib")
+    recs = [{"stage": "warmup", "global_step": 1, "sft/loss": 3.0, "time/step": 0.5},
+            {"stage": "localization", "global_step": 2, "loc/score": 1.0, "loc/format": 0.5, "loss": 0.1,
+             "time/step": 1.0, "tokens_per_s": 100.0}]
+    png = plot_metrics(recs, tmp_path / "p.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    summary = {"stages": {"warmup": stage_means(recs, "warmup", ["sft/loss", "time/step"]),
+                          "localization": stage_means(recs, "localization", ["loss", "loc/format", "time/step"])},
+               "evals": [{"label": "random init (untrained)", "n": 4, "loc_format": 0.0, "box_rate": 0.0, "iou": 0.0,
+                          "loc_accuracy": 0.25, "sparse_format": 0.0, "sparse_accuracy": 0.0, "keep_ratio": 1.0,
+                          "fallback_rate": 1.0, "sparse_length": 60.0, "seconds": 1.0}],
+               "seconds": 3.0, "output_dir": "x"}
+    text = format_summary(summary)
+    lines = text.splitlines()
+    assert lines[0].startswith("Training") and "warmup" in text and "3.000" in text and "0.500" in text
+    assert "Greedy evaluation on 4 validation samples" in text and "random init (untrained)" in text
+    json.dumps(summary)
