@@ -71,8 +71,8 @@ def _targets():
     return out
 
 
-def _select(batch, stream):
-    idx = [i for i, s in enumerate(batch["tsparse_stream"].tolist()) if s == stream]
+def _select(batch, stream, first=None):
+    idx = [i for i, s in enumerate(batch["tsparse_stream"].tolist()) if s == stream][:first]
     from verl.utils import tensordict_utils as tu
 
     return tu.index_select_tensor_dict(batch, idx)
@@ -244,7 +244,7 @@ def test_pruning_only_kept_tokens_reach_the_language_model(env):
         try:
             seen, handle = _lm_inputs(on)
             rec = sparse_recs[0]
-            one = _select(env["batch"], 1)[:1]
+            one = _select(env["batch"], 1, first=1)
             lp = on.infer_batch(engine_batch(one, fused=True, micro_batch_size=1))["model_output"]["log_probs"]
             handle.remove()
             stats = last_prune_stats()
@@ -321,7 +321,7 @@ def test_dual_stream_training_step_with_pruning(env):
 def test_pruned_batch_with_prune_visual_off_raises(env):
     from tsparse.integrations.verl import patches
 
-    sparse = _select(env["batch"], 1)[:2]
+    sparse = _select(env["batch"], 1, first=2)
     with verl_on_cpu():
         on = build_engine(env["ckpt"], micro_batch_size=2,
                           fused_kernel_options={"impl_backend": "tsparse", "logprobs": False, "prune_visual": False})

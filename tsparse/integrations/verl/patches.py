@@ -202,10 +202,22 @@ def _make_forward_step(orig: Callable) -> Callable:
 
 
 # --------------------------------------------------------------------------------------
+def _model_class(model) -> type:
+    """The model's own class (FSDP2 wraps it in a generated ``FSDP<Name>`` subclass)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return type(model)
+    for cls in type(model).__mro__:
+        if not issubclass(cls, FSDPModule):
+            return cls
+    return type(model)  # pragma: no cover
+
+
 def _model_forward_for(model) -> tuple[type, Callable]:
     from . import model_forward
 
-    cls = type(model)
+    cls = _model_class(model)
     mtype = getattr(getattr(model, "config", None), "model_type", None)
     if mtype in ("qwen2_5_vl", "qwen2_vl"):
         return cls, model_forward.qwen2_vl_forward_tsparse

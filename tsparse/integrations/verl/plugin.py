@@ -6,6 +6,9 @@ TaskRunner, Ray workers) unless ``VERL_USE_EXTERNAL_PLUGINS=none`` (or a list wi
 
 * policy losses ``tsparse`` and ``tsparse_dualstream`` (``register_policy_loss``);
 * the advantage estimator ``tsparse_dualstream`` (``register_adv_est``);
+* the trainer mode ``tsparse_dualstream`` (``register_trainer``; :mod:`.trainer`, stage 2's
+  sparse stream between sampling and ``compute_log_prob``) when verl's v1 trainer package is
+  imported (it needs TransferQueue);
 * the dispatcher of the ``impl_backend=tsparse`` flag on ``FSDPEngine._build_module``
   (:func:`~.patches.install_dispatcher`; verl has no hook for a third-party fused-kernel
   backend). It returns verl's model untouched unless the engine's model config carries the
@@ -70,55 +73,59 @@ def register() -> None:
 
 # --------------------------------------------------------------------------------------
 _ENGINE_MODULE = "verl.workers.engine.fsdp.transformer_impl"
+_TRAINER_MODULE = "verl.trainer.ppo.v1"
 
 
-class _EngineImportHook(importlib.abc.MetaPathFinder):
-    """Installs the dispatcher right after verl's FSDP engine module executes."""
+def _install_dispatcher() -> None:
+    from .patches import install_dispatcher
+
+    install_dispatcher()
+
+
+def _register_trainer_mode() -> None:
+    """Registers ``trainer.v1.trainer_mode=tsparse_dualstream`` (:mod:`.trainer`). verl's v1
+    trainer needs TransferQueue; without it there is nothing to register into."""
+    try:
+        from . import trainer  # noqa: F401  (register_trainer runs at import)
+    except ImportError as exc:
+        logger.warning("tsparse: trainer mode 'tsparse_dualstream' not registered: %s", exc)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs a callback right after a module finishes executing (then removes itself), so the
+    plugin never imports verl's heavy modules itself."""
+
+    def __init__(self, fullname: str, callback):
+        self.fullname, self.callback = fullname, callback
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _ENGINE_MODULE:
+        if fullname != self.fullname:
             return None
         sys.meta_path.remove(self)  # find the real spec once, without us
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            sys.meta_path.insert(0, self)
+        spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:
-            return None
-        loader = spec.loader
-        exec_module = loader.exec_module
+            return spec
+        exec_module = spec.loader.exec_module
 
-        def exec_and_install(module):
+        def exec_then_callback(module):
             exec_module(module)
-            _remove_hook()
-            from .patches import install_dispatcher
+            self.callback()
 
-            install_dispatcher()
-
-        loader.exec_module = exec_and_install
+        spec.loader.exec_module = exec_then_callback
         return spec
 
 
-_HOOK: list = []
-
-
-def _remove_hook() -> None:
-    while _HOOK:
-        hook = _HOOK.pop()
-        if hook in sys.meta_path:
-            sys.meta_path.remove(hook)
+def _after_import(fullname: str, callback) -> None:
+    if fullname in sys.modules:
+        callback()
+        return
+    if not any(isinstance(h, _AfterImport) and h.fullname == fullname for h in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(fullname, callback))
 
 
 def _install_dispatcher_when_engine_loads() -> None:
-    if _ENGINE_MODULE in sys.modules:
-        from .patches import install_dispatcher
-
-        install_dispatcher()
-        return
-    if not _HOOK:
-        hook = _EngineImportHook()
-        _HOOK.append(hook)
-        sys.meta_path.insert(0, hook)
+    _after_import(_ENGINE_MODULE, _install_dispatcher)
+    _after_import(_TRAINER_MODULE, _register_trainer_mode)
 
 
 register()

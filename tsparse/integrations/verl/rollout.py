@@ -51,7 +51,7 @@ from ...dualstream.advantages import LOCALIZATION, SPARSE
 from ...dualstream.config import MethodConfig, PruningConfig, load_method_config
 from ...dualstream.data import VQASample, build_messages, load_images
 from ...dualstream.format import parse_boxes
-from ...dualstream.pruning import repeat_samples, sparse_generate, sparse_stream_inputs
+from ...dualstream.pruning import sparse_generate, sparse_stream_inputs
 from ...dualstream.rewards import GroundTruth, score_dual_stream
 from .advantages import group_uid
 from .losses import STREAM_FIELD
@@ -62,6 +62,10 @@ __all__ = [
     "snapshot_originals",
     "hf_generation_context",
     "full_parameters",
+    "SparseRequest",
+    "SparseResult",
+    "sparse_phase",
+    "sparse_prompt_ids",
     "dual_stream_rollout",
     "sequence_record",
     "to_verl_batch",
@@ -276,6 +280,97 @@ def _unpadded(ids: Tensor, mask: Tensor) -> Tensor:
     return ids[mask.bool()].to(torch.int64)
 
 
+@dataclass
+class SparseRequest:
+    """One sparse-stream prompt to answer: the sparse prompt's DENSE ids (every
+    ``<|image_pad|>``), its images' ``pixel_values`` / ``image_grid_thw`` and the boxes of the
+    localization rollout it comes from."""
+
+    prompt_ids: Tensor
+    pixel_values: Tensor
+    image_grid_thw: Tensor
+    boxes: tuple = ()
+
+
+@dataclass
+class SparseResult:
+    """G' responses of one :class:`SparseRequest` and what pruning kept."""
+
+    responses: list
+    keep_ratio: float
+    fallback: bool
+    kept_tokens: int
+    visual_tokens: int
+
+
+def sparse_phase(
+    model,
+    requests: Sequence[SparseRequest],
+    *,
+    pruning: PruningConfig,
+    n_sparse: int,
+    generate_kwargs: Optional[dict] = None,
+    pad_token_id: Optional[int] = None,
+) -> list:
+    """The sparse-reasoning stream for a batch of requests: prune each prompt's visual tokens to
+    its boxes (:func:`tsparse.dualstream.pruning.sparse_stream_inputs`, ``pruning`` options) and
+    sample ``n_sparse`` responses each (``sparse_generate``), with transformers' own forwards and
+    the full parameters (FSDP). Returns one :class:`SparseResult` per request, in order."""
+    if not requests:
+        return []
+    device = next(model.parameters()).device
+    pad = _pad_id(model) if pad_token_id is None else int(pad_token_id)
+    eos = _eos_ids(model)
+    width = max(r.prompt_ids.shape[0] for r in requests)
+    ids = torch.full((len(requests), width), pad, dtype=torch.int64)
+    mask = torch.zeros((len(requests), width), dtype=torch.int64)
+    for b, r in enumerate(requests):  # left padding, as generate wants
+        n = r.prompt_ids.shape[0]
+        ids[b, width - n:] = r.prompt_ids
+        mask[b, width - n:] = 1
+    grid = torch.cat([r.image_grid_thw.to(torch.int64) for r in requests])
+    pixels = torch.cat([r.pixel_values for r in requests])
+    kw = _generate_kwargs({"do_sample": True, **(generate_kwargs or {})})
+    with torch.no_grad(), hf_generation_context(), full_parameters(model):
+        sparse = sparse_stream_inputs(
+            model, ids.to(device), mask.to(device), grid, [r.boxes for r in requests], pixel_values=pixels.to(device),
+            config=pruning, padding_side="left", pad_token_id=pad,
+        )
+        new = sparse_generate(model, sparse, num_return_sequences=int(n_sparse), **kw)
+    fell_back = torch.zeros(len(requests), dtype=torch.bool)
+    kept = torch.zeros(len(requests), dtype=torch.int64)
+    total = torch.zeros(len(requests), dtype=torch.int64)
+    if sparse.fallback.numel():
+        fell_back.index_put_((sparse.image_sample,), sparse.fallback, accumulate=True)
+        kept.index_add_(0, sparse.image_sample, sparse.kept_counts)
+        total.index_add_(0, sparse.image_sample, sparse.total_counts)
+    out = []
+    for b in range(len(requests)):
+        # generate from inputs_embeds returns the new tokens only
+        rows = new[b * n_sparse:(b + 1) * n_sparse]
+        out.append(SparseResult(
+            [_trim_response(row.cpu(), eos, pad) for row in rows],
+            float(kept[b]) / float(total[b]) if int(total[b]) else 1.0, bool(fell_back[b]), int(kept[b]), int(total[b]),
+        ))
+    return out
+
+
+def sparse_prompt_ids(processor, method: MethodConfig, question: str, image_grid_thw: Tensor) -> Tensor:
+    """The sparse stream's prompt ids for a question whose images are already processed
+    (``image_grid_thw``, e.g. from verl's ``multi_modal_inputs``): the chat of
+    ``method.prompts.sparse``, each ``<|image_pad|>`` expanded to its image's token count."""
+    n_img = int(image_grid_thw.shape[0])
+    sample = VQASample("q", tuple(f"image{k}" for k in range(n_img)), question, "-")
+    text = processor.apply_chat_template(build_messages(sample, method.prompts.sparse))
+    counts = (image_grid_thw.to(torch.int64).prod(-1) // (processor.merge_size ** 2)).tolist()
+    parts = text.split(processor.image_token)
+    if len(parts) - 1 != n_img:
+        raise ValueError(f"the sparse prompt has {len(parts) - 1} image placeholders for {n_img} images")
+    expanded = parts[0] + "".join(processor.image_token * c + p for c, p in zip(counts, parts[1:]))
+    ids = processor.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
 def dual_stream_rollout(
     model,
     processor,
@@ -289,6 +384,7 @@ def dual_stream_rollout(
     max_new_tokens: int = 256,
     generate_kwargs: Optional[dict] = None,
     localization_texts: Optional[Sequence[Sequence[str]]] = None,
+    suppress_vision_tokens: bool = True,
 ) -> RolloutResult:
     """Two-stream rollout with HF ``generate`` on ``model`` (the actor's module, FSDP-wrapped
     or not).
@@ -307,6 +403,11 @@ def dual_stream_rollout(
         localization_texts: ``[Q][G]`` localization responses to use INSTEAD of generating
             them (e.g. warm-up targets with known boxes, to exercise the sparse stream of an
             untrained model); their ids are the tokenizer's encoding plus EOS.
+        suppress_vision_tokens: never sample ``<|vision_start|>``, ``<|vision_end|>``,
+            ``<|image_pad|>``, ``<|video_pad|>`` (a response holding one would no longer match
+            its images in the training forward - verl's own ``_get_input_embeds`` raises on
+            that). A trained VLM gives them ~0 probability; the sampling distribution differs
+            from the trained one by exactly that mass.
 
     Returns a :class:`RolloutResult`; ``metrics``: ``time/localization``, ``time/sparse``
     (seconds), ``rollout/keep_ratio`` (kept / dense visual tokens of the sparse stream),
@@ -326,6 +427,12 @@ def dual_stream_rollout(
         raise ValueError(f"`question_uids` has {len(uids)} entries for {q} samples")
     gen_kw = _generate_kwargs({"do_sample": True, **(generate_kwargs or {})})
     gen_kw["max_new_tokens"] = int(max_new_tokens)
+    if suppress_vision_tokens:
+        mcfg = model.config
+        vision_ids = [getattr(mcfg, k, None) for k in ("vision_start_token_id", "vision_end_token_id",
+                                                        "image_token_id", "video_token_id")]
+        gen_kw["suppress_tokens"] = sorted({int(i) for i in vision_ids if i is not None} |
+                                           set(gen_kw.get("suppress_tokens") or []))
     merge = int(processor.merge_size)
     image_token_id = int(processor.image_token_id)
     eos, pad = _eos_ids(model), _pad_id(model)
@@ -366,26 +473,20 @@ def dual_stream_rollout(
         t1 = time.perf_counter()
         sp = processor.encode_samples(samples, method.prompts.sparse, padding_side="left")
         sp_imgs = _split_images(sp, merge, image_token_id)
-        rep = repeat_samples({k: sp[k] for k in ("input_ids", "attention_mask", "image_grid_thw", "pixel_values")},
-                             g, image_token_id=image_token_id, merge_size=merge)
-        pruning: PruningConfig = method.pruning
-        with torch.no_grad(), hf_generation_context(), full_parameters(model):
-            sparse = sparse_stream_inputs(
-                model, rep["input_ids"].to(device), rep["attention_mask"].to(device), rep["image_grid_thw"],
-                [p.boxes for p in parses], pixel_values=rep["pixel_values"].to(device), config=pruning,
-                padding_side="left", pad_token_id=pad,
-            )
-            new = sparse_generate(model, sparse, num_return_sequences=gp, **gen_kw)
-        kept_ratio = sparse.sample_keep_ratio().tolist()
-        fb = torch.zeros(rep["input_ids"].shape[0], dtype=torch.bool)
-        if sparse.fallback.numel():
-            fb.index_put_((sparse.image_sample,), sparse.fallback, accumulate=True)
-        metrics["rollout/keep_ratio"] = sparse.keep_ratio
-        metrics["rollout/fallback_rate"] = float(sparse.fallback.float().mean()) if sparse.fallback.numel() else 0.0
-        # generate from inputs_embeds returns the new tokens only
-        for row in new:
-            sparse_resp.append(_trim_response(row.cpu(), eos, pad))
-        sparse_info = [(kept_ratio[k // gp], bool(fb[k // gp])) for k in range(len(sparse_resp))]
+        requests = [
+            SparseRequest(_unpadded(sp["input_ids"][i], sp["attention_mask"][i]), sp_imgs[i][0], sp_imgs[i][1],
+                          tuple(parses[i * g + j].boxes))
+            for i in range(q) for j in range(g)
+        ]
+        results = sparse_phase(model, requests, pruning=method.pruning, n_sparse=gp, generate_kwargs=gen_kw)
+        for res in results:
+            for resp in res.responses:
+                sparse_resp.append(resp)
+                sparse_info.append((res.keep_ratio, res.fallback))
+        kept = sum(r.kept_tokens for r in results)
+        total = sum(r.visual_tokens for r in results)
+        metrics["rollout/keep_ratio"] = kept / total if total else 1.0
+        metrics["rollout/fallback_rate"] = sum(r.fallback for r in results) / len(results)
         metrics["time/sparse"] = time.perf_counter() - t1
 
     # 3. Rewards with cross-feedback.
