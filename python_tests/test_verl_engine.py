@@ -355,3 +355,44 @@ def test_generation_on_the_engine_module_matches_transformers(env):
         with torch.no_grad(), hf_generation_context():
             ref = ref_model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert torch.equal(got, ref)
+
+
+def test_rollout_records_and_batch(env):
+    """The dual-stream rollout's sequences: G localization + G*G' sparse per question, two-level
+    group uids, composite rewards with cross-feedback in rm_scores, the sparse stream pruned to
+    the localization rollout's boxes (keep ratio < 1), and verl's batch layout."""
+    from tsparse.dualstream.rewards import localization_reward, sparse_reward
+    from tsparse.integrations.verl.advantages import stream_of_uid
+
+    res, batch, samples = env["res"], env["batch"], env["samples"]
+    loc, sp = res.stream(0), res.stream(1)
+    assert len(loc) == 2 * 2 and len(sp) == 2 * 2 * 2
+    assert [r.uid for r in loc] == ["q0", "q0", "q1", "q1"]
+    assert [r.uid for r in sp] == ["q0#0"] * 2 + ["q0#1"] * 2 + ["q1#0"] * 2 + ["q1#1"] * 2
+    assert all(stream_of_uid(r.uid) == r.stream for r in res.records)
+    for r in sp:
+        # the warm-up target's boxes (written with 2 decimals), parsed back
+        expect_boxes = [[round(v, 2) for v in b] for b in samples[int(r.question[1:])].boxes]
+        torch.testing.assert_close(torch.tensor(r.boxes), torch.tensor(expect_boxes), atol=1e-9, rtol=0)
+        assert 0 < r.keep_ratio < 1 and not r.fallback
+        parent = loc[int(r.question[1:]) * 2 + r.parent]
+        expect = sparse_reward(r.text, samples[int(r.question[1:])], cross_accuracy=parent.terms["accuracy"])
+        assert r.score == pytest.approx(expect.score)
+    for r in loc:
+        kids = [s for s in sp if s.question == r.question and s.parent == r.parent]
+        cross = sum(k.terms["accuracy"] for k in kids) / len(kids)
+        assert r.score == pytest.approx(localization_reward(r.text, samples[int(r.question[1:])],
+                                                            cross_accuracy=cross).score)
+        assert r.terms["format"] == 1.0 and r.terms["accuracy"] == 1.0
+    assert 0 < res.metrics["rollout/keep_ratio"] < 1 and res.metrics["rollout/box_parse_rate"] == 1.0
+    # verl's layout
+    n = len(res.records)
+    assert batch.batch_size == torch.Size([n])
+    assert batch["position_ids"].values().shape[0] == 4
+    rm = batch["rm_scores"]
+    for i, rec in enumerate(res.records):
+        row = rm[i]
+        assert row[-1] == pytest.approx(rec.score) and float(row[:-1].abs().sum()) == 0
+        mm = batch["multi_modal_inputs"][i]
+        assert int(mm["tsparse_prune"].sum()) == (mm["image_grid_thw"].shape[0] if rec.stream else 0)
+    assert batch["tsparse_stream"].tolist() == [r.stream for r in res.records]
