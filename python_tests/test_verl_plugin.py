@@ -290,3 +290,38 @@ def test_dualstream_loss_needs_the_flag():
     old, logp, adv, mask = _loss_inputs(torch.float32)
     with pytest.raises(ValueError, match="impl_backend=tsparse"):
         compute_policy_loss_dualstream(old, logp, adv, mask, "token-mean", _config(), None)
+
+
+def test_varlen_switch_through_verls_own_padding_functions():
+    """With ``varlen`` swapped in, verl's own ``left_right_2_no_padding`` (which calls the
+    swapped ``unpad_input``) and ``no_padding_2_padding`` give what they give without it."""
+    from tensordict import TensorDict
+    from verl.workers.utils import padding
+
+    from tsparse.integrations.verl import apply_tsparse_to_verl, unpatch
+
+    gen = torch.Generator().manual_seed(5)
+    b, p, r = 3, 5, 4
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    resp_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    attn = torch.cat([prompt_mask, resp_mask], 1)
+    ids = torch.randint(0, 100, (b, p + r), generator=gen) * attn
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+
+    def build():
+        return TensorDict({"input_ids": ids.clone(), "attention_mask": attn.clone(), "response_mask": resp_mask.clone(),
+                           "position_ids": pos.clone(), "prompts": ids[:, :p].clone(), "responses": ids[:, p:].clone()},
+                          batch_size=[b])
+
+    ref = padding.left_right_2_no_padding(build())
+    apply_tsparse_to_verl(None, varlen=True, stream_loss=False)
+    try:
+        assert padding.unpad_input.__module__ == "tsparse.ops.varlen"
+        got = padding.left_right_2_no_padding(build())
+    finally:
+        unpatch()
+    assert padding.unpad_input.__module__ == "verl.utils.attention_utils"
+    for key in ("input_ids", "position_ids"):
+        torch.testing.assert_close(got[key].values(), ref[key].values(), rtol=0, atol=0)
+        torch.testing.assert_close(got[key].offsets(), ref[key].offsets(), rtol=0, atol=0)
+    assert torch.equal(got.get_non_tensor("indices"), ref.get_non_tensor("indices"))
