@@ -145,9 +145,11 @@ def hf_generation_context():
 @contextlib.contextmanager
 def full_parameters(model):
     """The module's full (unsharded) parameters for the block: pruning runs the vision tower
-    outside the root module's forward, where FSDP would hand out shards. FSDP2 modules are
-    unsharded and resharded afterwards (collective: every rank must enter); FSDP1 uses
-    ``summon_full_params``; a plain module is left as it is."""
+    outside the root module's forward, where FSDP would hand out shards. FSDP2 modules
+    (verl's ``actor.strategy=fsdp2``) are unsharded and resharded afterwards (collective: every
+    rank must enter); a plain module is left as it is. FSDP1 (``strategy=fsdp``) is refused:
+    its flat parameters are not usable outside a forward, and generating inside
+    ``summon_full_params`` is not supported by PyTorch."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch < 2.6
@@ -155,9 +157,10 @@ def full_parameters(model):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     if isinstance(model, FSDP):
-        with FSDP.summon_full_params(model, writeback=False, recurse=True):
-            yield
-        return
+        raise NotImplementedError(
+            "the rollout on the actor needs FSDP2: set actor_rollout_ref.actor.strategy=fsdp2 (FSDP1's flat "
+            "parameters cannot serve generate outside its forward)"
+        )
     fsdp2 = [m for m in model.modules() if FSDPModule and isinstance(m, FSDPModule)]
     if fsdp2 and fsdp2[0] is model:
         # FSDP2 decides which module is the root on the first forward; the vision tower runs
