@@ -16,12 +16,13 @@ import sys
 
 import torch
 
-from . import bench_varlen, bench_visual_tokens
+from . import bench_sparse_prefill, bench_varlen, bench_visual_tokens
 from .common import COMPILE, Timer, environment, format_table, measure_copy_bandwidth, measure_matmul_tflops, save_json
 
 FAMILIES = {
     "visual_tokens": bench_visual_tokens.run,
     "varlen": bench_varlen.run,
+    "sparse_prefill": bench_sparse_prefill.run,  # tiny model; the 7B-shaped case: --size 7b of that module
 }
 
 
@@ -69,14 +70,21 @@ def main(argv=None) -> int:
     timer = Timer(device, warmup=3, iters=iters)
     rows = []
     families = args.only.split(",") if args.only else list(FAMILIES)
+    failed = []
     for fam in families:
         print(f"[{fam}]", flush=True)
-        rows += FAMILIES[fam](device, size, timer, log=lambda s: print(s, flush=True))
+        try:
+            rows += FAMILIES[fam](device, size, timer, log=lambda s: print(s, flush=True))
+        except Exception as exc:  # one family's failure must not lose the others' rows
+            failed.append(fam)
+            print(f"  FAILED: {type(exc).__name__}: {exc}", flush=True)
     print()
     print(format_table(rows, copy, mm))
     save_json(args.json, env, {"copy_gbps": copy, "matmul_tflops": mm, "size": size}, rows)
     print(f"\nJSON: {os.path.abspath(args.json)}")
-    return 0
+    if failed:
+        print(f"failed families: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@
 #   report.json    benchmark rows (JSON)      ncu.csv / ncu.err  Nsight Compute raw metrics
 # Budget (per-phase timeouts, overridable): build ~90 s on 16 cores, tests 120 s, sanitizer
 # 2 x 60 s, benchmarks 150 s, ncu 60 s: under 8 minutes in all.
+# Optional phases (EXTRA, off by default): EXTRA=prefill7b times the sparse stream's prefill on a
+# random Qwen2.5-VL-7B-shaped model (bf16, ~16 GB) at keep 1.0 / 0.77 / 0.5 / 0.25
+# (benchmarks/bench_sparse_prefill.py --size 7b; PREFILL7B_TIMEOUT, default 180 s), written to
+# prefill7b.json and the summary. Within the 8-file limit, run it as
+#     run(command="SKIP='sanitizer ncu' EXTRA=prefill7b bash profiling/device_check.sh", carry=[".whl"], timeout_s=540)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.device_out}
@@ -30,7 +35,9 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-120}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-130}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
 NCU_TIMEOUT=${NCU_TIMEOUT:-60}
+PREFILL7B_TIMEOUT=${PREFILL7B_TIMEOUT:-180}
 SKIP=${SKIP:-}   # e.g. SKIP="sanitizer ncu" for a rerun that needs only part of the work
+EXTRA=${EXTRA:-} # optional phases: "prefill7b"
 
 say "device_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 || echo "no nvidia-smi"; } | tee -a "$summary"
@@ -60,7 +67,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   exit 2
 fi
 
-rc_tests=0; rc_san=0; rc_bench=0; rc_ncu=0
+rc_tests=0; rc_san=0; rc_bench=0; rc_ncu=0; rc_prefill=0
 # ---- CUDA tests (the CPU variants ran in CI; -m cuda selects the GPU ones) ---------------
 if [[ " $SKIP " != *" tests "* ]]; then
 say "CUDA tests (timeout ${TEST_TIMEOUT}s)"
@@ -116,7 +123,16 @@ if [[ " $SKIP " != *" ncu "* ]]; then
   fi
 fi
 
-say "done: tests rc=$rc_tests sanitizer rc=$rc_san bench rc=$rc_bench ncu rc=$rc_ncu"
+# ---- optional: sparse prefill on a 7B-shaped random model ---------------------------------
+if [[ " $EXTRA " == *" prefill7b "* ]]; then
+  say "prefill7b: 7B-shaped random Qwen2.5-VL, prefill vs keep ratio (timeout ${PREFILL7B_TIMEOUT}s)"
+  timeout "$PREFILL7B_TIMEOUT" "$PY" -m benchmarks.bench_sparse_prefill --size 7b --device cuda \
+    --json "$OUT/prefill7b.json" 2>&1 | tee -a "$summary"
+  rc_prefill=${PIPESTATUS[0]}
+  say "prefill7b rc=$rc_prefill"
+fi
+
+say "done: tests rc=$rc_tests sanitizer rc=$rc_san bench rc=$rc_bench ncu rc=$rc_ncu prefill7b rc=$rc_prefill"
 echo
 [ -f "$OUT/bench.txt" ] && sed -n '/^op /,$p' "$OUT/bench.txt" | tee -a "$summary"
-exit $(( rc_tests != 0 || rc_san != 0 || rc_bench != 0 ))
+exit $(( rc_tests != 0 || rc_san != 0 || rc_bench != 0 || rc_prefill != 0 ))

@@ -4,7 +4,8 @@ and the chat messages of each stream.
 ViTAR-16K format: a JSON list of records ``{"image_path": [...], "question": "<image>...
 A) .. B) ..", "answer": "C", "bbox": [[x1, y1, x2, y2]]}`` with boxes normalized to 0-1 and
 image paths relative to the JSON file. :func:`load_vitar_json` also takes ``image``/``images``
-for the image field, ``boxes`` for ``bbox``, an optional ``options`` field (mapping or list),
+for the image field, ``boxes`` for ``bbox``, an optional ``options`` field (mapping, list, or a
+string holding either or ``A. ...`` lines),
 JSON Lines files, and keeps every other field in :attr:`VQASample.meta` (``dataset``,
 ``subset``, ...), so evaluation files in the common medical-VQA layout load too.
 
@@ -199,6 +200,8 @@ def load_vitar_json(
         bkey = "bbox" if "bbox" in rec else "boxes"
         boxes = _record_boxes(rec.get(bkey), where, invalid_boxes)
         opts = rec.get("options")
+        if isinstance(opts, str):
+            opts = _options_from_str(opts, where)
         if isinstance(opts, dict):
             options = {str(k).strip().upper(): str(v) for k, v in opts.items()}
         elif isinstance(opts, list):
@@ -211,6 +214,28 @@ def load_vitar_json(
         sid = str(rec.get("id", f"{path.stem}_{i}"))
         out.append(VQASample(sid, paths, q, a.strip(), boxes, options, meta))
     return out
+
+
+def _options_from_str(text: str, where: str):
+    """An ``options`` field written as a string: a JSON / Python literal list or mapping (as some
+    exports store it), or ``A. ...`` lines (as MedVLThinker-style files do)."""
+    import ast
+
+    s = text.strip()
+    if not s:
+        return None
+    if s[0] in "[{":
+        for parse in (json.loads, ast.literal_eval):
+            try:
+                v = parse(s)
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(v, (list, dict)):
+                return v
+    found = parse_options(s)
+    if not found:
+        raise ValueError(f"{where}: `options` string is neither a list/mapping literal nor 'A. ...' lines: {text[:80]!r}")
+    return found
 
 
 def load_images(sample: VQASample) -> list:

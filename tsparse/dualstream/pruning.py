@@ -26,6 +26,10 @@ An image with no usable box keeps all its tokens (``fallback="full_image"``) or 
 
 With a box covering the whole image (fusion on or off) the sparse inputs reproduce the dense
 forward exactly (tested). Videos are not supported.
+
+:func:`assemble_sparse_inputs` does steps 2-4 for any other choice of kept tokens (the pruning
+baselines of :mod:`tsparse.vtp`); :func:`image_features` runs the vision tower once so both
+streams can share a batch's visual tokens.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from .config import PruningConfig
 __all__ = [
     "SparseInputs",
     "sparse_stream_inputs",
+    "assemble_sparse_inputs",
+    "image_features",
     "extend_sparse_inputs",
     "sparse_generate",
     "boxes_to_tensors",
@@ -277,48 +283,14 @@ def sparse_stream_inputs(
     base = _base_model(model)
     cfg = _resolve(config, fuse=fuse, fallback=fallback, box_scope=box_scope, margin=margin,
                    min_coverage=min_coverage, padding_side=padding_side)
-    mcfg = base.config
-    image_token_id = int(mcfg.image_token_id)
-    video_token_id = getattr(mcfg, "video_token_id", None)
-    merge = int(getattr(mcfg.vision_config, "spatial_merge_size", 2))
-    patch = int(getattr(mcfg.vision_config, "patch_size", 14))
-
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError("`input_ids` must be an int32/int64 tensor of shape [B, L]")
-    input_ids = input_ids.to(torch.int64)
-    device = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}")
-    attention_mask = attention_mask.to(device=device, dtype=torch.int64)
-    if not isinstance(image_grid_thw, Tensor) or image_grid_thw.dim() != 2 or image_grid_thw.shape[-1] != 3:
-        raise ValueError("`image_grid_thw` must be an int tensor of shape [num_images, 3]")
-    if image_grid_thw.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"`image_grid_thw` must be int32 or int64, got {image_grid_thw.dtype}")
-    grid = image_grid_thw.to("cpu", torch.int64)
-    if grid.numel() and bool((grid[:, 0] != 1).any()):
-        raise ValueError("`image_grid_thw`: t must be 1 for images (videos are not supported)")
-    if video_token_id is not None and bool((input_ids == int(video_token_id)).any()):
-        raise ValueError("`input_ids` holds video tokens; sparse_stream_inputs supports images only")
     if (pixel_values is None) == (image_embeds is None):
         raise ValueError("pass exactly one of `pixel_values` and `image_embeds`")
-
-    real = attention_mask.bool()
-    img_mask = (input_ids == image_token_id) & real
-    counts = (grid.prod(-1) // (merge * merge)).tolist()
-    total = sum(counts)
-    image_sample = _image_samples(img_mask.cpu(), counts)
-
-    embed = base.get_input_embeddings()
+    b = _check_batch(base, input_ids, attention_mask, image_grid_thw)
+    input_ids, attention_mask, grid, counts, image_sample = b.input_ids, b.attention_mask, b.grid, b.counts, b.image_sample
+    device, total, merge, patch = input_ids.device, sum(b.counts), b.merge, b.patch
     if image_embeds is None:
-        feats = base.get_image_features(pixel_values, grid.to(pixel_values.device))
-        feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
-        image_embeds = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
-    if not isinstance(image_embeds, Tensor) or image_embeds.dim() != 2 or image_embeds.shape[0] != total:
-        shape = tuple(image_embeds.shape) if isinstance(image_embeds, Tensor) else type(image_embeds).__name__
-        raise ValueError(f"`image_embeds` must have shape [N, D] with N = {total} (from `image_grid_thw`), got {shape}")
-    image_embeds = image_embeds.to(device=device, dtype=embed.weight.dtype)
+        image_embeds = image_features(model, pixel_values, grid)
+    image_embeds = _check_image_embeds(base, image_embeds, total, device)
 
     # Boxes -> per-image CSR; which images have no usable box (host-side metadata only).
     box_cat, box_offsets = boxes_to_tensors(boxes, image_sample, box_scope=cfg.box_scope,
@@ -339,6 +311,25 @@ def sparse_stream_inputs(
         kept_embeds = image_embeds[:0]
         kept_counts = torch.zeros(0, dtype=torch.int64)
 
+    return _assemble(
+        base, model, input_ids, attention_mask, grid, visual_keep, kept_embeds, kept_counts,
+        counts=counts, fallback=fallback_flags, image_sample=image_sample,
+        padding_side=cfg.padding_side, pad_token_id=pad_token_id,
+    )
+
+
+def _assemble(
+    base, model, input_ids: Tensor, attention_mask: Tensor, grid: Tensor, visual_keep: Tensor,
+    kept_embeds: Tensor, kept_counts: Tensor, *, counts: list, fallback: Tensor, image_sample: list,
+    padding_side: str, pad_token_id: Optional[int],
+) -> SparseInputs:
+    """The column removal, re-padding, original positions and embeddings shared by every way of
+    choosing the kept visual tokens (inputs already validated)."""
+    device = input_ids.device
+    image_token_id = int(base.config.image_token_id)
+    embed = base.get_input_embeddings()
+    real = attention_mask.bool()
+    img_mask = (input_ids == image_token_id) & real
     # Columns kept per row; their destinations after re-padding.
     keep_cols = real.clone()
     keep_cols[img_mask] = visual_keep.to(device)
@@ -349,7 +340,7 @@ def sparse_stream_inputs(
     rows, src = torch.nonzero_static(keep_cols, size=sum(n)).unbind(1) if sum(n) else (
         torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64, device=device))
     rank = keep_cols.to(torch.int64).cumsum(1)[rows, src] - 1
-    shift = (width - lengths) if cfg.padding_side == "left" else torch.zeros_like(lengths)
+    shift = (width - lengths) if padding_side == "left" else torch.zeros_like(lengths)
     dest = rank + shift[rows]
 
     pad_id = _pad_token_id(model, pad_token_id)
@@ -388,10 +379,125 @@ def sparse_stream_inputs(
         visual_keep=visual_keep,
         kept_counts=kept_counts,
         total_counts=torch.tensor(counts, dtype=torch.int64),
-        fallback=fallback_flags,
+        fallback=fallback,
         image_sample=torch.tensor(image_sample, dtype=torch.int64),
         prompt_length=width,
-        padding_side=cfg.padding_side,
+        padding_side=padding_side,
+    )
+
+
+@dataclass
+class _Batch:
+    input_ids: Tensor
+    attention_mask: Tensor
+    grid: Tensor  # CPU int64 [I, 3]
+    counts: list  # visual tokens per image
+    image_sample: list  # sample of each image
+    merge: int
+    patch: int
+
+
+def _check_batch(base, input_ids, attention_mask, image_grid_thw) -> _Batch:
+    """Validates a processor batch (argument names in the errors) and assigns images to samples."""
+    mcfg = base.config
+    image_token_id = int(mcfg.image_token_id)
+    video_token_id = getattr(mcfg, "video_token_id", None)
+    merge = int(getattr(mcfg.vision_config, "spatial_merge_size", 2))
+    patch = int(getattr(mcfg.vision_config, "patch_size", 14))
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError("`input_ids` must be an int32/int64 tensor of shape [B, L]")
+    input_ids = input_ids.to(torch.int64)
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}")
+    attention_mask = attention_mask.to(device=device, dtype=torch.int64)
+    if not isinstance(image_grid_thw, Tensor) or image_grid_thw.dim() != 2 or image_grid_thw.shape[-1] != 3:
+        raise ValueError("`image_grid_thw` must be an int tensor of shape [num_images, 3]")
+    if image_grid_thw.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"`image_grid_thw` must be int32 or int64, got {image_grid_thw.dtype}")
+    grid = image_grid_thw.to("cpu", torch.int64)
+    if grid.numel() and bool((grid[:, 0] != 1).any()):
+        raise ValueError("`image_grid_thw`: t must be 1 for images (videos are not supported)")
+    if video_token_id is not None and bool((input_ids == int(video_token_id)).any()):
+        raise ValueError("`input_ids` holds video tokens; sparse_stream_inputs supports images only")
+    img_mask = (input_ids == image_token_id) & attention_mask.bool()
+    counts = (grid.prod(-1) // (merge * merge)).tolist()
+    image_sample = _image_samples(img_mask.cpu(), counts)
+    return _Batch(input_ids, attention_mask, grid, counts, image_sample, merge, patch)
+
+
+def _check_image_embeds(base, image_embeds, total: int, device) -> Tensor:
+    if not isinstance(image_embeds, Tensor) or image_embeds.dim() != 2 or image_embeds.shape[0] != total:
+        shape = tuple(image_embeds.shape) if isinstance(image_embeds, Tensor) else type(image_embeds).__name__
+        raise ValueError(f"`image_embeds` must have shape [N, D] with N = {total} (from `image_grid_thw`), got {shape}")
+    return image_embeds.to(device=device, dtype=base.get_input_embeddings().weight.dtype)
+
+
+def image_features(model, pixel_values: Tensor, image_grid_thw: Tensor) -> Tensor:
+    """The vision tower's merged visual tokens ``[N, D]`` (Qwen2.5-VL order, images
+    concatenated) for the processor's ``pixel_values`` and ``image_grid_thw``: what
+    ``image_embeds`` takes, so a batch's images are encoded once and shared by both streams."""
+    base = _base_model(model)
+    if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 2:
+        raise ValueError("`pixel_values` must be the processor's [num_patches, C] tensor")
+    if not isinstance(image_grid_thw, Tensor) or image_grid_thw.dim() != 2 or image_grid_thw.shape[-1] != 3:
+        raise ValueError("`image_grid_thw` must be an int tensor of shape [num_images, 3]")
+    feats = base.get_image_features(pixel_values, image_grid_thw.to(pixel_values.device))
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    return torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
+
+
+def assemble_sparse_inputs(
+    model,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor],
+    image_grid_thw: Tensor,
+    visual_keep: Tensor,
+    kept_embeds: Tensor,
+    *,
+    padding_side: str = "left",
+    pad_token_id: Optional[int] = None,
+) -> SparseInputs:
+    """The sparse stream's inputs for ANY choice of kept visual tokens (what
+    :func:`sparse_stream_inputs` does after its box selection; the pruning baselines of
+    :mod:`tsparse.vtp` use it with their own selections).
+
+    Args:
+        model, input_ids, attention_mask, image_grid_thw: as :func:`sparse_stream_inputs`.
+        visual_keep: bool ``[N]`` over the dense visual tokens (Qwen2.5-VL order, images
+            concatenated): which ones stay.
+        kept_embeds: ``[K, D]`` the embeddings placed at the kept tokens, ``K =
+            visual_keep.sum()``, in their order (gathered, fused or pooled rows).
+        padding_side, pad_token_id: as :func:`sparse_stream_inputs`.
+
+    The kept tokens keep their ORIGINAL M-RoPE positions and ``rope_deltas`` come from the
+    full sequence, exactly as in :func:`sparse_stream_inputs`; ``fallback`` is all False.
+    Raises ``ValueError``/``TypeError`` naming the argument for bad shapes or dtypes.
+    """
+    base = _base_model(model)
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"`padding_side` must be 'left' or 'right', got {padding_side!r}")
+    b = _check_batch(base, input_ids, attention_mask, image_grid_thw)
+    total = sum(b.counts)
+    device = b.input_ids.device
+    if not isinstance(visual_keep, Tensor) or visual_keep.dtype != torch.bool or visual_keep.shape != (total,):
+        got = (visual_keep.dtype, tuple(visual_keep.shape)) if isinstance(visual_keep, Tensor) else type(visual_keep).__name__
+        raise ValueError(f"`visual_keep` must be a bool tensor of shape [{total}] (the dense visual tokens), got {got}")
+    visual_keep = visual_keep.to(device)
+    kept_counts = torch.tensor(
+        [int(c.sum()) for c in torch.split(visual_keep.cpu().to(torch.int64), b.counts)], dtype=torch.int64
+    ) if total else torch.zeros(len(b.counts), dtype=torch.int64)
+    k = int(kept_counts.sum())
+    if not isinstance(kept_embeds, Tensor) or kept_embeds.dim() != 2 or kept_embeds.shape[0] != k:
+        shape = tuple(kept_embeds.shape) if isinstance(kept_embeds, Tensor) else type(kept_embeds).__name__
+        raise ValueError(f"`kept_embeds` must have shape [K, D] with K = {k} (kept tokens of `visual_keep`), got {shape}")
+    kept_embeds = _check_image_embeds(base, kept_embeds, k, device)
+    return _assemble(
+        base, model, b.input_ids, b.attention_mask, b.grid, visual_keep, kept_embeds, kept_counts,
+        counts=b.counts, fallback=torch.zeros(len(b.counts), dtype=torch.bool), image_sample=b.image_sample,
+        padding_side=padding_side, pad_token_id=pad_token_id,
     )
 
 
