@@ -52,8 +52,8 @@ def _has(cfg, path: str) -> bool:
 
     node = cfg
     for part in path.split("."):
-        # (``in`` is False for a key whose value is ``???``: ask for the node itself)
-        if not OmegaConf.is_dict(node) or node._get_node(part) is None:
+        # (``in`` is False for a key whose value is ``???``: look at the keys themselves)
+        if not OmegaConf.is_dict(node) or part not in list(node.keys()):
             return False
         node = node._get_node(part)
     return True

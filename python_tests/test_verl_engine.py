@@ -93,9 +93,19 @@ def _train(engine, td, loss_mode, **kw):
     from verl.workers.utils.losses import ppo_loss
 
     cfg = actor_config(loss_mode, ppo_micro_batch_size_per_gpu=2, ppo_mini_batch_size=len(td), **kw)
-    with engine.train_mode():
+    with engine.train_mode():  # (it zeroes the gradients on exit: read them inside)
         out = engine.train_batch(td, loss_function=partial(ppo_loss, config=cfg))
-    return out, grads(engine)
+        g = grads(engine)
+    return out, g
+
+
+def _metric_values(m) -> list:
+    """verl's metric entry (a ``Metric`` aggregator, a list of floats, or one float)."""
+    if hasattr(m, "values") and not isinstance(m, dict):
+        return [float(v) for v in m.values]
+    if isinstance(m, (list, tuple)):
+        return [x for v in m for x in _metric_values(v)]
+    return [float(m)]
 
 
 def _reset(engine, state):
@@ -130,18 +140,20 @@ def test_flag_off_leaves_every_patchable_verl_function_identical(env):
     assert snap[patches.DISPATCH_TARGET].__wrapped__.__module__ == "verl.workers.engine.fsdp.transformer_impl"
 
 
+# (switches, flag-on loss mode): verl's log-prob math with the swapped forward / varlen and
+# verl's loss isolates the plumbing; the other two add tsparse's fused ops and loss.
 OPTION_SETS = {
-    "verl_math": {"logprobs": False},
-    "tsparse_logits": {"fused_linear": False},
-    "tsparse_fused_linear": {"chunk_size": 64},
+    "verl_math": ({"logprobs": False}, "vanilla"),
+    "tsparse_logits": ({"fused_linear": False}, "tsparse"),
+    "tsparse_fused_linear": ({"chunk_size": 64}, "tsparse"),
 }
 
 
 @pytest.mark.parametrize("opts", list(OPTION_SETS), ids=list(OPTION_SETS))
 def test_flag_on_matches_flag_off_without_pruning(env, opts):
     """Log-probs, entropy, loss and every gradient agree between verl's own path (flag off,
-    loss_mode=vanilla) and the tsparse path (flag on: tsparse forward, varlen swaps, loss_mode=
-    tsparse), pruning off (the localization stream's dense samples)."""
+    loss_mode=vanilla) and the tsparse path (flag on: tsparse forward, varlen swaps, fused
+    log-probs, loss_mode=tsparse), pruning off (the localization stream's dense samples)."""
     from tsparse.integrations.verl import patches
 
     dense = _select(env["batch"], 0)
@@ -150,7 +162,7 @@ def test_flag_on_matches_flag_off_without_pruning(env, opts):
     with verl_on_cpu():
         ref = off.infer_batch(engine_batch(dense, fused=False, micro_batch_size=2))["model_output"]
         on = build_engine(env["ckpt"], micro_batch_size=2,
-                          fused_kernel_options={"impl_backend": "tsparse", **OPTION_SETS[opts]})
+                          fused_kernel_options={"impl_backend": "tsparse", **OPTION_SETS[opts][0]})
         try:
             assert patches.is_patched()
             got = on.infer_batch(engine_batch(dense, fused=True, micro_batch_size=2))["model_output"]
@@ -161,17 +173,16 @@ def test_flag_on_matches_flag_off_without_pruning(env, opts):
             td = _with_ppo_fields(dense, gen)
             _reset(off, state)
             out_off, g_off = _train(off, engine_batch(td, fused=False, micro_batch_size=2), "vanilla")
-            out_on, g_on = _train(on, engine_batch(td, fused=True, micro_batch_size=2), "tsparse")
+            out_on, g_on = _train(on, engine_batch(td, fused=True, micro_batch_size=2), OPTION_SETS[opts][1])
         finally:
             patches.unpatch()
             _reset(off, state)
     assert torch.isfinite(torch.tensor(out_on["loss"])).all()
     torch.testing.assert_close(torch.tensor(out_on["loss"]), torch.tensor(out_off["loss"]), rtol=1e-5, atol=1e-7)
-    for k in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
-        a = [m.value if hasattr(m, "value") else m for m in out_on["metrics"][k]]
-        b = [m.value if hasattr(m, "value") else m for m in out_off["metrics"][k]]
+    for k in ("actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower", "actor/entropy_loss"):
+        a, b = _metric_values(out_on["metrics"][k]), _metric_values(out_off["metrics"][k])
         torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
-                                   rtol=1e-5, atol=1e-6)
+                                   rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
     assert set(g_on) == set(g_off) and len(g_on) > 10
     for name in g_off:
         torch.testing.assert_close(g_on[name], g_off[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=lambda m: f"{name}: {m}")
