@@ -214,9 +214,11 @@ def _config(**kw):
 def _loss_inputs(dtype, b=6, r=9, seed=0):
     gen = torch.Generator().manual_seed(seed)
     old = -torch.rand(b, r, generator=gen, dtype=dtype) * 3
-    # log-ratios around the clip boundaries and far beyond (dual clip, the +-20 clamp)
+    # log-ratios on both sides of the clip boundaries (1 - 0.2, 1 + 0.28; not exactly on them:
+    # a tie there is the op's own boundary test, where exp's last bit decides the branch) and
+    # far beyond (the dual clip at 3, the +-20 log-ratio clamp)
     delta = torch.randn(b, r, generator=gen, dtype=dtype) * 0.3
-    delta[0, :3] = torch.tensor([0.2, -0.2, 25.0], dtype=dtype).log1p()
+    delta[0, :5] = torch.tensor([0.799, 0.801, 1.279, 1.281, 25.0], dtype=dtype).log()
     delta[1, :2] = torch.tensor([30.0, -30.0], dtype=dtype)
     logp = (old + delta).requires_grad_()
     adv = torch.randn(b, r, generator=gen, dtype=dtype)

@@ -103,14 +103,13 @@ def grpo_token_terms(
     from ...ops import grpo as _grpo
 
     shape = log_prob.shape
-    flat = lambda t: t.reshape(-1).to(torch.float32) if t is not None else None  # noqa: E731
     lp = log_prob.reshape(-1)
     if lp.dtype not in (torch.float32, torch.float64):
         lp = lp.to(torch.float32)
-    acc = lp.dtype
+    acc = lp.dtype  # fp64 inputs stay fp64; anything else is computed in fp32
+    flat = lambda t: t.reshape(-1).detach().to(acc) if t is not None else None  # noqa: E731
     pg, _kl, ratio, flags, _, _, _ = torch.ops.tsparse.grpo_token_terms(
-        lp, flat(old_log_prob).to(acc), flat(advantages).to(acc), None,
-        flat(is_weights).to(acc) if is_weights is not None else None,
+        lp, flat(old_log_prob), flat(advantages), None, flat(is_weights),
         float(clip_low), float(clip_high), float(clip_ratio_c), "low_var_kl", _grpo.CLAMP_EDGES,
     )
     flags = flags.view(shape)

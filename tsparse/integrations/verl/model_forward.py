@@ -89,18 +89,38 @@ def _rolled_labels(input_ids: Optional[Tensor], labels: Optional[Tensor], shift_
     raise RuntimeError("tsparse forward: one of `shift_labels`, `labels` or `input_ids` is required")
 
 
+def _through_module(module, fn, *args):
+    """``fn(module.weight, *args)`` called THROUGH ``module`` (its forward temporarily ``fn``):
+    under FSDP2 verl shards ``lm_head`` as its own unit, so its weight is only a full tensor
+    inside its own forward, and only a forward call registers the hooks that reduce-scatter
+    the weight's gradient. A plain module is called directly."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        FSDPModule = ()  # noqa: N806
+    if not (FSDPModule and isinstance(module, FSDPModule)):
+        return fn(module.weight, *args)
+    module.forward = lambda *a: fn(module.weight, *a)
+    try:
+        return module(*args)
+    finally:
+        del module.forward
+
+
 def _token_logprobs(model, hidden: Tensor, labels: Tensor, temperature: float, opts: TsparseOptions):
     """``(logp [T], entropy [T])`` float32 of ``hidden [T, D]`` under the LM head."""
-    weight = model.lm_head.weight
     labels = labels.to(torch.int64)
     if opts.logprobs and opts.fused_linear:
         from ...ops import fused_linear_logprobs
 
-        if hidden.dtype != weight.dtype:
-            hidden = hidden.to(weight.dtype)
-        return fused_linear_logprobs(
-            hidden, weight, labels, temperature=float(temperature), return_entropy=True, chunk_size=opts.chunk_size
-        )
+        def fused(weight, h, y):
+            if h.dtype != weight.dtype:
+                h = h.to(weight.dtype)
+            return fused_linear_logprobs(
+                h, weight, y, temperature=float(temperature), return_entropy=True, chunk_size=opts.chunk_size
+            )
+
+        return _through_module(model.lm_head, fused, hidden, labels)
     logits = model.lm_head(hidden)
     if opts.logprobs:
         from ...ops import logprobs
