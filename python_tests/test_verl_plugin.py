@@ -323,6 +323,11 @@ def test_varlen_switch_through_verls_own_padding_functions():
     finally:
         unpatch()
     assert padding.unpad_input.__module__ == "verl.utils.attention_utils"
+    from tsparse.integrations.verl.patches import VARLEN_TARGETS, resolve
+
+    for module, path in VARLEN_TARGETS:  # every original back (none is tsparse's own function)
+        owner, name = resolve(module, path)
+        assert getattr(owner, name).__module__.startswith("verl."), (module, path)
     for key in ("input_ids", "position_ids"):
         torch.testing.assert_close(got[key].values(), ref[key].values(), rtol=0, atol=0)
         torch.testing.assert_close(got[key].offsets(), ref[key].offsets(), rtol=0, atol=0)

@@ -293,8 +293,11 @@ def apply_tsparse_to_verl(
         if options.varlen:
             from . import varlen as tv
 
-            for module, path in VARLEN_TARGETS:
-                owner, name = resolve(module, path)
+            # Import every target module BEFORE replacing anything: a module imported later
+            # would bind the already-replaced name (losses.py imports padding's
+            # no_padding_2_padding) and its "original" would be tsparse's.
+            targets = [resolve(module, path) for module, path in VARLEN_TARGETS]
+            for owner, name in targets:
                 _set(owner, name, getattr(tv, name))
         if options.stream_loss:
             owner, _ = resolve(_ENGINE, "FSDPEngineWithLMHead.forward_step")
