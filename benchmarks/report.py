@@ -16,12 +16,13 @@ import sys
 
 import torch
 
-from . import bench_sparse_prefill, bench_varlen, bench_visual_tokens
+from . import bench_grpo, bench_sparse_prefill, bench_varlen, bench_visual_tokens
 from .common import COMPILE, Timer, environment, format_table, measure_copy_bandwidth, measure_matmul_tflops, save_json
 
 FAMILIES = {
     "visual_tokens": bench_visual_tokens.run,
     "varlen": bench_varlen.run,
+    "grpo": bench_grpo.run,
     "sparse_prefill": bench_sparse_prefill.run,  # tiny model; the 7B-shaped case: --size 7b of that module
 }
 

@@ -62,6 +62,31 @@ TORCH_LIBRARY(tsparse, m) {
       "Tensor input_ids, Tensor labels, Tensor position_ids)");
   // Packed rows x[indices] (any dtype); differentiable: the backward scatters through `inverse`.
   m.def("varlen_gather(Tensor x, Tensor indices, Tensor inverse) -> Tensor");
+  // ---- GRPO (tsparse/ops/grpo.py) ----
+  // One read of logits [T, V] (z = logits / temperature). Per row, in fp32 (fp64 for fp64
+  // logits): logp = log_softmax(z)[targets]; row_max = max z; log_norm = log sum exp(z -
+  // row_max) (lse = row_max + log_norm); entropy [T] (or [0] when not with_entropy).
+  m.def(
+      "logprobs(Tensor logits, Tensor targets, float temperature, bool with_entropy) -> "
+      "(Tensor logp, Tensor row_max, Tensor log_norm, Tensor entropy)");
+  // Internal (backward of logprobs): d loss / d logits in one pass over the logits from the
+  // saved per-row statistics; grad_entropy needs `entropy`.
+  m.def(
+      "logprobs_backward(Tensor logits, Tensor targets, Tensor row_max, Tensor log_norm, "
+      "Tensor entropy, Tensor? grad_logp, Tensor? grad_entropy, float temperature) -> Tensor");
+  // Internal: the same, written into the logits' own storage (in-place backward).
+  m.def(
+      "logprobs_backward_(Tensor(a!) logits, Tensor targets, Tensor row_max, Tensor log_norm, "
+      "Tensor entropy, Tensor? grad_logp, Tensor? grad_entropy, float temperature) -> ()");
+  // Internal: per-token GRPO terms (verl 0.9.1 compute_policy_loss_vanilla + kl_penalty) and
+  // their derivatives with respect to logp; flags: uint8 bit 0 = clipped, bit 1 = dual-clipped.
+  // clamp_edges: torch's clamp-gradient convention AT the bounds (bit 0: lower bound passes the
+  // gradient, bit 1: upper bound), probed from the installed torch by tsparse/ops/grpo.py.
+  m.def(
+      "grpo_token_terms(Tensor logp, Tensor old_logp, Tensor advantages, Tensor? ref_logp, "
+      "Tensor? is_weights, float clip_low, float clip_high, float clip_ratio_c, str kl_type, "
+      "int clamp_edges) -> "
+      "(Tensor pg, Tensor kl, Tensor ratio, Tensor flags, Tensor dpg, Tensor dkl, Tensor dratio)");
 }
 
 namespace {

@@ -11,7 +11,8 @@ metrics=$("$PY" -c "import sys; sys.path.insert(0, 'profiling'); import ncu_summ
 regex='regex:(compose|segment_reduce|row_inv_norms|build_inverse|box_mask|seqlens|scan_kernel|pack_kernel|gemm|Kernel|sm90|grpo|logprob|lse)'
 ncu --clock-control none --target-processes all --profile-from-start off \
     --kernel-name "$regex" --metrics "$metrics" --csv --page raw \
-    "$PY" profiling/kernel_cases.py --mode ncu > "$out" 2> "${out%.csv}.err"
+    "$PY" profiling/kernel_cases.py --mode ncu > "$out" 2> /tmp/tsparse_ncu.err
 rc=$?
+tail -5 /tmp/tsparse_ncu.err
 "$PY" profiling/ncu_summary.py "$out" || true
 exit $rc

@@ -221,3 +221,150 @@ def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
     p = p.reshape(-1)
     starts = (p == 0).nonzero().reshape(-1).to(torch.int32)
     return torch.cat([starts, torch.tensor([p.numel()], dtype=torch.int32, device=p.device)])
+# GRPO. Written from verl 0.9.1's published math (verl/trainer/ppo/core_algos.py:
+# compute_policy_loss_vanilla, kl_penalty, agg_loss; verl/workers/utils/losses.py: ppo_loss),
+# not imported from verl. Plain autograd through torch ops; fp64 by default.
+
+
+def logprobs_ref(
+    logits: Tensor, targets: Tensor, *, temperature: float = 1.0, return_entropy: bool = False,
+    dtype: Optional[torch.dtype] = torch.float64,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Reference of :func:`tsparse.ops.logprobs`: ``log_softmax(logits / T)[targets]`` and the
+    entropy ``-sum p log p`` (0 * log 0 = 0 for -inf logits), computed in ``dtype`` (``None``:
+    the logits' dtype, what eager PyTorch GRPO code does after ``logits.float()``)."""
+    z = (logits if dtype is None else logits.to(dtype)) / temperature
+    lsm = torch.log_softmax(z, dim=-1)
+    logp = lsm.gather(-1, targets.to(torch.int64)[:, None]).squeeze(-1)
+    if not return_entropy:
+        return logp, None
+    p = lsm.exp()
+    safe = torch.where(p > 0, lsm, torch.zeros_like(lsm))  # no 0 * -inf, no NaN gradient
+    return logp, -(p * safe).sum(dim=-1)
+
+
+def kl_penalty_ref(logp: Tensor, ref_logp: Tensor, kl_type: str) -> Tensor:
+    """verl 0.9.1 ``kl_penalty``: k1/kl, abs, k2/mse, k3/low_var_kl (clamped), and the '+'
+    straight-through variants (value of the estimator, gradient of k2)."""
+    base = kl_type[:-1] if kl_type.endswith("+") else kl_type
+    if base in ("kl", "k1"):
+        fwd = logp - ref_logp
+    elif base == "abs":
+        fwd = (logp - ref_logp).abs()
+    elif base in ("mse", "k2"):
+        fwd = 0.5 * (logp - ref_logp).square()
+    elif base in ("low_var_kl", "k3"):
+        kl = torch.clamp(ref_logp - logp, min=-20, max=20)
+        fwd = torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
+    else:
+        raise ValueError(f"unknown kl_type {kl_type!r}")
+    if not kl_type.endswith("+") or kl_type in ("mse", "k2"):
+        return fwd
+    back = 0.5 * (logp - ref_logp).square()
+    return back - back.detach() + fwd.detach()
+
+
+def policy_loss_vanilla_ref(
+    old_logp: Tensor, logp: Tensor, advantages: Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
+    clip_ratio_c: float = 3.0, is_weights: Optional[Tensor] = None,
+) -> dict:
+    """Per-token part of verl 0.9.1 ``compute_policy_loss_vanilla``, line by line."""
+    negative_approx_kl = torch.clamp(logp - old_logp, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
+    clipped = torch.gt(pg_losses2, pg_losses1)
+    pg_losses3 = -advantages * clip_ratio_c
+    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
+    clipped_lower = torch.gt(clip_pg_losses1, pg_losses3) & (advantages < 0)
+    pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
+    if is_weights is not None:
+        pg_losses = pg_losses * is_weights
+    return dict(pg=pg_losses, ratio=ratio, clipped=clipped, clipped_lower=clipped_lower,
+                negative_approx_kl=negative_approx_kl)
+
+
+def _masked_sum(values: Tensor, mask: Tensor) -> Tensor:
+    """verl_F.masked_sum: where(mask, v, 0) * mask, summed."""
+    return (torch.where(mask != 0, values, torch.zeros_like(values)) * mask).sum()
+
+
+def masked_mean_ref(values: Tensor, mask: Tensor) -> Tensor:
+    """verl_F.masked_mean: masked sum / (mask sum + 1e-8)."""
+    return _masked_sum(values, mask) / (mask.sum() + 1e-8)
+
+
+def agg_loss_ref(loss: Tensor, mask: Tensor, mode: str, seq_ids: Optional[Tensor] = None) -> Tensor:
+    """verl 0.9.1 ``agg_loss`` (dp_size = 1) on flat tokens: ``seq_ids`` names each token's
+    sequence (verl's rows). A selection with no tokens aggregates to 0 (verl: 0 / 0)."""
+    m = mask.to(loss.dtype)
+    if mode == "token-mean":
+        n = m.sum()
+        return _masked_sum(loss, m) / n if float(n) != 0 else _masked_sum(loss, m) * 0
+    if mode == "token-sum":
+        return _masked_sum(loss, m)
+    if mode not in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        raise ValueError(f"unknown loss_agg {mode!r}")
+    total, nseq = _masked_sum(loss, m) * 0, 0
+    for q in torch.unique(seq_ids).tolist():
+        mq = m * (seq_ids == q).to(m.dtype)
+        count = mq.sum()
+        if float(count) <= 0:
+            continue
+        seq_loss = _masked_sum(loss, mq)
+        if mode == "seq-mean-token-mean":
+            seq_loss = seq_loss / (count + 1e-8)
+        total = total + seq_loss
+        nseq += 1
+    return total / nseq if nseq else total
+
+
+def grpo_loss_ref(
+    logits: Tensor, targets: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+    temperature: float = 1.0, clip_low: float = 0.2, clip_high: float = 0.2, clip_ratio_c: float = 3.0,
+    ref_logp: Optional[Tensor] = None, kl_type: str = "low_var_kl", kl_coef: float = 0.0,
+    entropy_coef: float = 0.0, stream: Optional[Tensor] = None, stream_weights: Optional[Sequence[float]] = None,
+    num_streams: Optional[int] = None, loss_agg: str = "token-mean", seq_ids: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None, dtype: Optional[torch.dtype] = torch.float64,
+) -> dict:
+    """Reference of :func:`tsparse.ops.grpo_loss`: per stream s, verl's ``ppo_loss`` on the
+    stream's masked tokens (``pg_loss - entropy_coef * entropy_loss + kl_coef * kl_loss``, each
+    an ``agg_loss``), then ``loss = sum_s w_s * loss_s``. Returns a dict with ``loss``, the
+    per-token ``logp``, ``ratio``, ``entropy``, ``kl`` and ``metrics``: per-stream ``[S]``
+    tensors ``pg_loss``, ``clipfrac``, ``clipfrac_lower``, ``ppo_kl``, ``kl``, ``entropy``,
+    ``tokens``."""
+    logp, entropy = logprobs_ref(logits, targets, temperature=temperature, return_entropy=True, dtype=dtype)
+    cd = logp.dtype
+    old_logp, advantages = old_logp.to(cd), advantages.to(cd)
+    pl = policy_loss_vanilla_ref(old_logp, logp, advantages, clip_low=clip_low, clip_high=clip_high,
+                                 clip_ratio_c=clip_ratio_c,
+                                 is_weights=None if is_weights is None else is_weights.to(cd))
+    kld = kl_penalty_ref(logp, ref_logp.to(cd), kl_type) if ref_logp is not None else None
+    m = mask.to(cd)
+    if stream is None:
+        stream = torch.zeros(logp.shape[0], dtype=torch.int64, device=logp.device)
+        s_count = 1
+    else:
+        s_count = len(stream_weights) if stream_weights is not None else (num_streams or int(stream.max()) + 1)
+    weights = list(stream_weights) if stream_weights is not None else [1.0] * s_count
+    loss = logp.sum() * 0
+    metrics = {k: [] for k in ("pg_loss", "clipfrac", "clipfrac_lower", "ppo_kl", "kl", "entropy", "tokens")}
+    for s in range(s_count):
+        ms = m * (stream == s).to(cd)
+        pg_s = agg_loss_ref(pl["pg"], ms, loss_agg, seq_ids)
+        ent_s = agg_loss_ref(entropy, ms, loss_agg, seq_ids)
+        loss_s = pg_s - entropy_coef * ent_s
+        metrics["pg_loss"].append(pg_s.detach())
+        metrics["entropy"].append(ent_s.detach())
+        if kld is not None:
+            kl_s = agg_loss_ref(kld, ms, loss_agg, seq_ids)
+            loss_s = loss_s + kl_s * kl_coef
+            metrics["kl"].append(kl_s.detach())
+        metrics["clipfrac"].append(masked_mean_ref(pl["clipped"].to(cd), ms).detach())
+        metrics["clipfrac_lower"].append(masked_mean_ref(pl["clipped_lower"].to(cd), ms).detach())
+        metrics["ppo_kl"].append(masked_mean_ref(-pl["negative_approx_kl"], ms).detach())
+        metrics["tokens"].append(ms.sum().detach())
+        loss = loss + weights[s] * loss_s
+    per_stream = {k: (torch.stack(v) if v else None) for k, v in metrics.items()}
+    return dict(loss=loss, logp=logp, ratio=pl["ratio"], entropy=entropy, kl=kld, metrics=per_stream)

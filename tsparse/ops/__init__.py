@@ -5,6 +5,8 @@ One module per op family:
     select_visual_tokens.
   * :mod:`tsparse.ops.varlen` - variable-length packing for flash attention (pack/unpack,
     position ids, pack_batch, and flash_attn.bert_padding drop-ins).
+  * :mod:`tsparse.ops.grpo` - fused GRPO: log-probs from logits in one read, verl's GRPO loss
+    with decoupled per-stream aggregation, fused linear (LM head) variants.
 
 Every op is a ``torch.ops.tsparse`` op (schemas in ``csrc/ops.cpp``) with CPU and CUDA
 kernels, a fake kernel for torch.compile and autograd where values flow.
@@ -12,6 +14,14 @@ kernels, a fake kernel for torch.compile and autograd where values flow.
 
 from . import varlen
 from .varlen import Packed, PackedBatch, pack_batch, pack_position_ids, pack_varlen, unpack_varlen
+from .grpo import (
+    GRPOLoss,
+    GRPOStreamMetrics,
+    fused_linear_grpo_loss,
+    fused_linear_logprobs,
+    grpo_loss,
+    logprobs,
+)
 from .visual_tokens import (
     SelectedTokens,
     box_to_patch_mask,
@@ -30,6 +40,12 @@ __all__ = [
     "pack_position_ids",
     "pack_varlen",
     "unpack_varlen",
+    "GRPOLoss",
+    "GRPOStreamMetrics",
+    "fused_linear_grpo_loss",
+    "fused_linear_logprobs",
+    "grpo_loss",
+    "logprobs",
     "SelectedTokens",
     "box_to_patch_mask",
     "fuse_tokens",

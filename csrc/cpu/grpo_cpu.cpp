@@ -1,0 +1,374 @@
+// CPU kernels of the fused GRPO op family. The per-row and per-token math is the
+// __host__ __device__ code the CUDA kernels run too (tsparse/grpo_math.h).
+//
+// Rows are split over threads with at::parallel_for (OpenMP); each row is read once in
+// chunks of kChunk elements converted to the accumulator type (fp32, fp64 for fp64 logits):
+// each chunk's (max, sum, sum * z) state is formed against the chunk's maximum, then merged
+// into the row's state (as the CUDA kernels merge per-thread states). The fp32 element loops
+// are branch-free and vectorized (`omp simd`) with a polynomial exp; fp64 uses the scalar
+// grpo_math.h functions.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+
+#include "../common/checks.h"
+#include "../common/grpo_args.h"
+#include "tsparse/grpo_math.h"
+
+namespace tsparse {
+
+namespace {
+
+constexpr int64_t kChunk = 512;             // elements converted per step of a row
+constexpr int64_t kElemsPerTask = 1 << 16;  // parallel_for grain, in logits elements
+
+template <typename scalar_t>
+using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kElemsPerTask / std::max<int64_t>(cols, 1)); }
+
+// ---- fp32 fast path (16/32-bit logits) ---------------------------------------------------
+// The per-element loops below are written so `#pragma omp simd` vectorizes them with the
+// baseline x86-64 ISA (no branches, no libm calls): exp comes from exp_nonpos. fp64 logits use
+// the scalar grpo_math.h functions (they exist for reference-precision tests).
+constexpr float kExpFloor = -87.0f;  // exp(x) < 1.7e-38 below: counted as 0
+
+// GCC only if-converts (and so vectorizes) the selects below without trapping-math: nothing
+// here reads floating-point exception flags, so the fast path drops them, in this region only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+// exp(x) for x <= 0 (small positive x is fine too): Cephes-style range reduction x = n ln2 + r
+// and a degree-6 polynomial (~1-2 ulp). x < kExpFloor is clamped (callers zero those terms);
+// NaN stays NaN.
+inline float exp_nonpos(float x) {
+  const float xc = x < kExpFloor ? kExpFloor : x;
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: (v + kRound) - kRound rounds v to an integer
+  const float fn = (xc * 1.44269504088896341f + kRound) - kRound;
+  const float r = (xc - fn * 0.693359375f) + fn * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(fn) + 127) << 23;
+  return y * __builtin_bit_cast(float, bits);
+}
+
+// The (max, sum exp, sum exp * z) state of z[0, n) (one chunk of a row).
+inline grpo::LseState<float> chunk_state(const float* z, int64_t n) {
+  float bm = -INFINITY;
+#pragma omp simd reduction(max : bm)
+  for (int64_t k = 0; k < n; ++k) bm = z[k] > bm ? z[k] : bm;
+  if (!(bm > -INFINITY)) {  // every element is -inf or NaN: contributes nothing, or NaN
+    for (int64_t k = 0; k < n; ++k) {
+      if (z[k] != z[k]) return {bm, NAN, NAN};
+    }
+    return grpo::lse_empty<float>();
+  }
+  float a = 0.0f, b = 0.0f;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t k = 0; k < n; ++k) {
+    const float t = z[k] - bm;  // <= 0, -inf for -inf logits, NaN for NaN / +inf
+    const float ex = exp_nonpos(t);
+    const float e = t < kExpFloor ? 0.0f : ex;
+    a += e;
+    b += e * (t < kExpFloor ? kExpFloor : t);
+  }
+  return {bm, a, b};
+}
+
+// d loss / d z_j * inv_temp for x[0, n) into out[0, n) (target NOT included: the caller adds it).
+inline void grad_chunk(const float* xf, float* out, int64_t n, const grpo::RowGrad<float>& g) {
+  const float m = g.row_max, la = g.log_norm, gl = g.g_logp, inv_temp = g.inv_temp;
+  if (g.g_ent == 0.0f) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      const float u = (xf[k] * inv_temp - m) - la;
+      const float ex = exp_nonpos(u);
+      const float p = u < kExpFloor ? 0.0f : ex;
+      out[k] = (-p * gl) * inv_temp;
+    }
+    return;
+  }
+  const float ge = g.g_ent, mu = g.mu;
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const float t = xf[k] * inv_temp - m;
+    const float u = t - la;
+    const float ex = exp_nonpos(u);
+    const float p = u < kExpFloor ? 0.0f : ex;
+    const float tc = t < -1e30f ? -1e30f : t;
+    out[k] = (-p * gl - ge * (p * (tc - mu))) * inv_temp;
+  }
+}
+
+// z[k] = float(x[k]) * scale and out[k] = scalar_t(g[k]), vectorized by hand for bf16 (a
+// shift, and round-to-nearest-even with NaN kept NaN, exactly c10::BFloat16's conversions).
+template <typename scalar_t>
+inline void load_scaled(const scalar_t* x, float* z, int64_t n, float scale) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const uint16_t* u = reinterpret_cast<const uint16_t*>(x);
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) z[k] = __builtin_bit_cast(float, uint32_t(u[k]) << 16) * scale;
+  } else {
+    for (int64_t k = 0; k < n; ++k) z[k] = static_cast<float>(x[k]) * scale;
+  }
+}
+
+template <typename scalar_t>
+inline void store_from_float(const float* g, scalar_t* out, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    uint16_t* u = reinterpret_cast<uint16_t*>(out);
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      const uint32_t b = __builtin_bit_cast(uint32_t, g[k]);
+      const uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+      u[k] = static_cast<uint16_t>(g[k] != g[k] ? 0x7FC0u : r);
+    }
+  } else {
+    for (int64_t k = 0; k < n; ++k) out[k] = static_cast<scalar_t>(g[k]);
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+// fp64: the shared scalar math.
+inline grpo::LseState<double> chunk_state(const double* z, int64_t n) {
+  double bm = grpo::neg_inf<double>();
+  for (int64_t k = 0; k < n; ++k) bm = grpo::max_acc(bm, z[k]);
+  grpo::LseState<double> cs = grpo::lse_empty<double>();
+  grpo::lse_raise_max(cs, bm);
+  for (int64_t k = 0; k < n; ++k) grpo::lse_add(cs, z[k]);
+  return cs;
+}
+
+// One row's state: chunks of kChunk elements converted to the accumulator type, each chunk's
+// state formed against its own maximum, then merged (two-level summation keeps the rounding
+// error at ~(kChunk + cols / kChunk) ulps instead of ~cols ulps for a serial sum).
+template <typename scalar_t>
+grpo::LseState<acc_of<scalar_t>> row_state(const scalar_t* x, int64_t cols, acc_of<scalar_t> inv_temp) {
+  using acc_t = acc_of<scalar_t>;
+  std::array<acc_t, kChunk> z;
+  grpo::LseState<acc_t> st = grpo::lse_empty<acc_t>();
+  for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, cols - c0);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      load_scaled(x + c0, z.data(), n, inv_temp);
+    } else {
+      for (int64_t k = 0; k < n; ++k) z[size_t(k)] = static_cast<acc_t>(x[c0 + k]) * inv_temp;
+    }
+    st = grpo::lse_merge(st, chunk_state(z.data(), n));
+  }
+  return st;
+}
+
+void check_targets_in_range(const at::Tensor& targets, int64_t cols, const char* op) {
+  const int64_t* t = targets.data_ptr<int64_t>();
+  const int64_t n = targets.size(0);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_INDEX(t[i] >= 0 && t[i] < cols, "tsparse.", op, ": `targets[", i, "]` = ", t[i],
+                      " is out of range [0, ", cols, ")");
+  }
+}
+
+// One row of d loss / d logits into o[0, cols) (o may be x itself: in-place backward).
+template <typename scalar_t>
+void row_grad(const scalar_t* x, scalar_t* o, int64_t cols, int64_t t, const grpo::RowGrad<acc_of<scalar_t>>& g) {
+  using acc_t = acc_of<scalar_t>;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const float xt = static_cast<float>(x[t]);  // read before the row is overwritten
+    std::array<float, kChunk> xf, gf;
+    for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, cols - c0);
+      load_scaled(x + c0, xf.data(), n, 1.0f);
+      grad_chunk(xf.data(), gf.data(), n, g);
+      store_from_float(gf.data(), o + c0, n);
+    }
+    o[t] = static_cast<scalar_t>(grpo::logit_grad(xt, true, g));
+  } else {
+    for (int64_t j = 0; j < cols; ++j) {
+      o[j] = static_cast<scalar_t>(grpo::logit_grad(static_cast<acc_t>(x[j]), j == t, g));
+    }
+  }
+}
+
+// Writes d loss / d logits of rows [0, rows) into `out` (row stride `out_stride` elements);
+// `out` may be the logits' own storage.
+void backward_into(const LogprobsBwdPrep& p, void* out_ptr, int64_t out_stride, double temperature) {
+  const at::Tensor& logits = p.logits;
+  const int64_t rows = logits.size(0);
+  const int64_t cols = logits.size(1);
+  if (rows == 0) return;
+  const int64_t in_stride = row_stride(logits);
+  const int64_t* tg = p.targets.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_backward", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const scalar_t* in = static_cast<const scalar_t*>(logits.data_ptr());
+    scalar_t* out = static_cast<scalar_t*>(out_ptr);
+    const acc_t* rmax = p.row_max.data_ptr<acc_t>();
+    const acc_t* lnorm = p.log_norm.data_ptr<acc_t>();
+    const acc_t* ent = p.entropy.defined() ? p.entropy.data_ptr<acc_t>() : nullptr;
+    const acc_t* gl = p.grad_logp.defined() ? p.grad_logp.data_ptr<acc_t>() : nullptr;
+    const acc_t* ge = p.grad_entropy.defined() ? p.grad_entropy.data_ptr<acc_t>() : nullptr;
+    const acc_t inv_temp = static_cast<acc_t>(1.0 / temperature);
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        grpo::RowGrad<acc_t> g;
+        g.g_logp = gl ? gl[r] : acc_t(0);
+        g.g_ent = ge ? ge[r] : acc_t(0);
+        g.inv_temp = inv_temp;
+        scalar_t* o = out + r * out_stride;
+        if (g.zero()) {
+          std::memset(static_cast<void*>(o), 0, size_t(cols) * sizeof(scalar_t));
+          continue;
+        }
+        g.row_max = rmax[r];
+        g.log_norm = lnorm[r];
+        g.mu = g.g_ent != acc_t(0) ? g.log_norm - ent[r] : acc_t(0);
+        const scalar_t* x = in + r * in_stride;
+        row_grad<scalar_t>(x, o, cols, tg[r], g);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_cpu(const at::Tensor& logits_in,
+                                                                       const at::Tensor& targets_in,
+                                                                       double temperature,
+                                                                       bool with_entropy) {
+  constexpr const char* op = "logprobs";
+  check_logits(logits_in, op);
+  check_temperature(temperature, op);
+  const at::Tensor logits = logits_rows(logits_in);
+  const at::Tensor targets = prep_targets(targets_in, logits, op);
+  const int64_t rows = logits.size(0);
+  const int64_t cols = logits.size(1);
+  check_targets_in_range(targets, cols, op);
+  const auto opts = logits.options().dtype(logprobs_acc_type(logits.scalar_type()));
+  at::Tensor logp = at::empty({rows}, opts);
+  at::Tensor row_max = at::empty({rows}, opts);
+  at::Tensor log_norm = at::empty({rows}, opts);
+  at::Tensor entropy = at::empty({with_entropy ? rows : 0}, opts);
+  if (rows == 0) return {logp, row_max, log_norm, entropy};
+  const int64_t stride = row_stride(logits);
+  const int64_t* tg = targets.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
+    using acc_t = acc_of<scalar_t>;
+    const scalar_t* base = static_cast<const scalar_t*>(logits.data_ptr());
+    acc_t* lp = logp.data_ptr<acc_t>();
+    acc_t* rm = row_max.data_ptr<acc_t>();
+    acc_t* ln = log_norm.data_ptr<acc_t>();
+    acc_t* en = with_entropy ? entropy.data_ptr<acc_t>() : nullptr;
+    const acc_t inv_temp = static_cast<acc_t>(1.0 / temperature);
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const scalar_t* x = base + r * stride;
+        const grpo::LseState<acc_t> st = row_state<scalar_t>(x, cols, inv_temp);
+        const grpo::RowStats<acc_t> rs = grpo::lse_finish(st);
+        lp[r] = grpo::target_logp(static_cast<acc_t>(x[tg[r]]) * inv_temp, rs);
+        rm[r] = rs.row_max;
+        ln[r] = rs.log_norm;
+        if (en) en[r] = rs.entropy;
+      }
+    });
+  });
+  return {logp, row_max, log_norm, entropy};
+}
+
+at::Tensor logprobs_backward_cpu(const at::Tensor& logits, const at::Tensor& targets,
+                                 const at::Tensor& row_max, const at::Tensor& log_norm,
+                                 const at::Tensor& entropy, const c10::optional<at::Tensor>& grad_logp,
+                                 const c10::optional<at::Tensor>& grad_entropy, double temperature) {
+  constexpr const char* op = "logprobs_backward";
+  const LogprobsBwdPrep p = prep_logprobs_backward(logits, targets, row_max, log_norm, entropy,
+                                                   grad_logp, grad_entropy, temperature, op);
+  check_targets_in_range(p.targets, p.logits.size(1), op);
+  at::Tensor grad = at::empty({p.logits.size(0), p.logits.size(1)}, p.logits.options());
+  backward_into(p, grad.data_ptr(), p.logits.size(1), temperature);
+  return grad;
+}
+
+void logprobs_backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& targets,
+                                   const at::Tensor& row_max, const at::Tensor& log_norm,
+                                   const at::Tensor& entropy, const c10::optional<at::Tensor>& grad_logp,
+                                   const c10::optional<at::Tensor>& grad_entropy, double temperature) {
+  constexpr const char* op = "logprobs_backward_";
+  check_inplace_logits(logits, op);
+  const LogprobsBwdPrep p = prep_logprobs_backward(logits, targets, row_max, log_norm, entropy,
+                                                   grad_logp, grad_entropy, temperature, op);
+  check_targets_in_range(p.targets, p.logits.size(1), op);
+  backward_into(p, logits.data_ptr(), row_stride(logits), temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+grpo_token_terms_cpu(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                     const c10::optional<at::Tensor>& ref_logp, const c10::optional<at::Tensor>& is_weights,
+                     double clip_low, double clip_high, double clip_ratio_c, c10::string_view kl_type,
+                     int64_t clamp_edges) {
+  const GrpoTokenPrep p = prep_grpo_token_terms(logp, old_logp, advantages, ref_logp, is_weights,
+                                                clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges);
+  const int64_t n = p.logp.size(0);
+  const auto opts = p.logp.options();
+  at::Tensor pg = at::empty({n}, opts), kl = at::empty({n}, opts), ratio = at::empty({n}, opts);
+  at::Tensor dpg = at::empty({n}, opts), dkl = at::empty({n}, opts), dratio = at::empty({n}, opts);
+  at::Tensor flags = at::empty({n}, opts.dtype(at::kByte));
+  if (n == 0) return {pg, kl, ratio, flags, dpg, dkl, dratio};
+  AT_DISPATCH_FLOATING_TYPES(p.logp.scalar_type(), "grpo_token_terms", [&] {
+    const scalar_t* lp = p.logp.data_ptr<scalar_t>();
+    const scalar_t* old = p.old_logp.data_ptr<scalar_t>();
+    const scalar_t* adv = p.advantages.data_ptr<scalar_t>();
+    const scalar_t* ref = p.ref_logp.defined() ? p.ref_logp.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* isw = p.is_weights.defined() ? p.is_weights.data_ptr<scalar_t>() : nullptr;
+    scalar_t* o_pg = pg.data_ptr<scalar_t>();
+    scalar_t* o_kl = kl.data_ptr<scalar_t>();
+    scalar_t* o_ratio = ratio.data_ptr<scalar_t>();
+    scalar_t* o_dpg = dpg.data_ptr<scalar_t>();
+    scalar_t* o_dkl = dkl.data_ptr<scalar_t>();
+    scalar_t* o_dratio = dratio.data_ptr<scalar_t>();
+    uint8_t* o_flags = flags.data_ptr<uint8_t>();
+    at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const grpo::GrpoToken<scalar_t> o = grpo::grpo_token<scalar_t>(
+            lp[i], old[i], adv[i], ref ? ref[i] : scalar_t(0), isw ? isw[i] : scalar_t(1), p.params);
+        o_pg[i] = o.pg;
+        o_kl[i] = o.kl;
+        o_ratio[i] = o.ratio;
+        o_dpg[i] = o.dpg;
+        o_dkl[i] = o.dkl;
+        o_dratio[i] = o.dratio;
+        o_flags[i] = o.flags;
+      }
+    });
+  });
+  return {pg, kl, ratio, flags, dpg, dkl, dratio};
+}
+
+TORCH_LIBRARY_IMPL(tsparse, CPU, m) {
+  m.impl("logprobs", &logprobs_cpu);
+  m.impl("logprobs_backward", &logprobs_backward_cpu);
+  m.impl("logprobs_backward_", &logprobs_backward_inplace_cpu);
+  m.impl("grpo_token_terms", &grpo_token_terms_cpu);
+}
+
+}  // namespace tsparse

@@ -1,0 +1,167 @@
+// Torch glue for the CUDA kernels of the fused GRPO op family: argument checks (shared
+// with the CPU backend), allocation, device guard and stream, launch checks. Target VALUES
+// are checked on the device (a trap naming the op, see grpo_launchers.h); nothing here
+// waits for the GPU.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../common/checks.h"
+#include "../common/grpo_args.h"
+#include "tsparse/grpo_launchers.h"
+
+namespace tsparse {
+
+namespace {
+
+cuda::DType logits_dtype(c10::ScalarType t) {
+  switch (t) {
+    case c10::kHalf: return cuda::DType::kFloat16;
+    case c10::kBFloat16: return cuda::DType::kBFloat16;
+    case c10::kDouble: return cuda::DType::kFloat64;
+    case c10::kFloat: return cuda::DType::kFloat32;
+    default: TORCH_CHECK(false, "tsparse: unsupported dtype ", t);
+  }
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void check_cuda(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK_VALUE(t.is_cuda(), "tsparse.", op, ": `", arg, "` must be a CUDA tensor here, got ",
+                    t.device());
+}
+
+const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+void launch_backward(const LogprobsBwdPrep& p, void* grad, int64_t grad_stride, double temperature) {
+  cuda::LogprobsBwdArgs a;
+  a.logits = p.logits.data_ptr();
+  a.rows = p.logits.size(0);
+  a.cols = p.logits.size(1);
+  a.logits_stride = row_stride(p.logits);
+  a.grad = grad;
+  a.grad_stride = grad_stride;
+  a.targets = p.targets.data_ptr<int64_t>();
+  a.row_max = p.row_max.data_ptr();
+  a.log_norm = p.log_norm.data_ptr();
+  a.entropy = ptr_or_null(p.entropy);
+  a.grad_logp = ptr_or_null(p.grad_logp);
+  a.grad_entropy = ptr_or_null(p.grad_entropy);
+  a.dtype = logits_dtype(p.logits.scalar_type());
+  a.temperature = temperature;
+  cuda::logprobs_backward(a, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_cuda(const at::Tensor& logits_in,
+                                                                        const at::Tensor& targets_in,
+                                                                        double temperature,
+                                                                        bool with_entropy) {
+  constexpr const char* op = "logprobs";
+  check_logits(logits_in, op);
+  check_temperature(temperature, op);
+  check_cuda(logits_in, op, "logits");
+  c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = logits_rows(logits_in);
+  const at::Tensor targets = prep_targets(targets_in, logits, op);
+  const int64_t rows = logits.size(0);
+  const auto opts = logits.options().dtype(logprobs_acc_type(logits.scalar_type()));
+  at::Tensor logp = at::empty({rows}, opts);
+  at::Tensor row_max = at::empty({rows}, opts);
+  at::Tensor log_norm = at::empty({rows}, opts);
+  at::Tensor entropy = at::empty({with_entropy ? rows : 0}, opts);
+  cuda::LogprobsFwdArgs a;
+  a.logits = logits.data_ptr();
+  a.rows = rows;
+  a.cols = logits.size(1);
+  a.row_stride = row_stride(logits);
+  a.targets = targets.data_ptr<int64_t>();
+  a.dtype = logits_dtype(logits.scalar_type());
+  a.temperature = temperature;
+  a.logp = logp.data_ptr();
+  a.row_max = row_max.data_ptr();
+  a.log_norm = log_norm.data_ptr();
+  a.entropy = with_entropy ? entropy.data_ptr() : nullptr;
+  cuda::logprobs_forward(a, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {logp, row_max, log_norm, entropy};
+}
+
+at::Tensor logprobs_backward_cuda(const at::Tensor& logits, const at::Tensor& targets,
+                                  const at::Tensor& row_max, const at::Tensor& log_norm,
+                                  const at::Tensor& entropy, const c10::optional<at::Tensor>& grad_logp,
+                                  const c10::optional<at::Tensor>& grad_entropy, double temperature) {
+  constexpr const char* op = "logprobs_backward";
+  check_cuda(logits, op, "logits");
+  c10::cuda::CUDAGuard guard(logits.device());
+  const LogprobsBwdPrep p = prep_logprobs_backward(logits, targets, row_max, log_norm, entropy,
+                                                   grad_logp, grad_entropy, temperature, op);
+  at::Tensor grad = at::empty({p.logits.size(0), p.logits.size(1)}, p.logits.options());
+  launch_backward(p, grad.data_ptr(), p.logits.size(1), temperature);
+  return grad;
+}
+
+void logprobs_backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& targets,
+                                    const at::Tensor& row_max, const at::Tensor& log_norm,
+                                    const at::Tensor& entropy, const c10::optional<at::Tensor>& grad_logp,
+                                    const c10::optional<at::Tensor>& grad_entropy, double temperature) {
+  constexpr const char* op = "logprobs_backward_";
+  check_cuda(logits, op, "logits");
+  check_inplace_logits(logits, op);
+  c10::cuda::CUDAGuard guard(logits.device());
+  const LogprobsBwdPrep p = prep_logprobs_backward(logits, targets, row_max, log_norm, entropy,
+                                                   grad_logp, grad_entropy, temperature, op);
+  launch_backward(p, logits.data_ptr(), row_stride(logits), temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+grpo_token_terms_cuda(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                      const c10::optional<at::Tensor>& ref_logp, const c10::optional<at::Tensor>& is_weights,
+                      double clip_low, double clip_high, double clip_ratio_c, c10::string_view kl_type,
+                     int64_t clamp_edges) {
+  check_cuda(logp, "grpo_token_terms", "logp");
+  c10::cuda::CUDAGuard guard(logp.device());
+  const GrpoTokenPrep p = prep_grpo_token_terms(logp, old_logp, advantages, ref_logp, is_weights,
+                                                clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges);
+  const int64_t n = p.logp.size(0);
+  const auto opts = p.logp.options();
+  at::Tensor pg = at::empty({n}, opts), kl = at::empty({n}, opts), ratio = at::empty({n}, opts);
+  at::Tensor dpg = at::empty({n}, opts), dkl = at::empty({n}, opts), dratio = at::empty({n}, opts);
+  at::Tensor flags = at::empty({n}, opts.dtype(at::kByte));
+  cuda::GrpoTokenArgs a;
+  a.n = n;
+  a.fp64 = p.logp.scalar_type() == at::kDouble;
+  a.logp = p.logp.data_ptr();
+  a.old_logp = p.old_logp.data_ptr();
+  a.advantages = p.advantages.data_ptr();
+  a.ref_logp = ptr_or_null(p.ref_logp);
+  a.is_weights = ptr_or_null(p.is_weights);
+  a.params = p.params;
+  a.pg = pg.data_ptr();
+  a.kl = kl.data_ptr();
+  a.ratio = ratio.data_ptr();
+  a.dpg = dpg.data_ptr();
+  a.dkl = dkl.data_ptr();
+  a.dratio = dratio.data_ptr();
+  a.flags = flags.data_ptr<uint8_t>();
+  cuda::grpo_token_terms(a, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {pg, kl, ratio, flags, dpg, dkl, dratio};
+}
+
+TORCH_LIBRARY_IMPL(tsparse, CUDA, m) {
+  m.impl("logprobs", &logprobs_cuda);
+  m.impl("logprobs_backward", &logprobs_backward_cuda);
+  m.impl("logprobs_backward_", &logprobs_backward_inplace_cuda);
+  m.impl("grpo_token_terms", &grpo_token_terms_cuda);
+}
+
+}  // namespace tsparse
