@@ -147,13 +147,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _transformers_targets():
+    """What verl's ``apply_monkey_patch`` replaces in transformers for Qwen2-VL-family models
+    (class-level, process-wide): restored when the harness exits so later test modules get
+    transformers' own model."""
+    import importlib
+
+    from tsparse.integrations.verl.rollout import _GEN_TARGETS
+
+    out = []
+    for module, cls, name in _GEN_TARGETS:
+        mod = importlib.import_module(module)
+        owner = getattr(mod, cls) if cls else mod
+        out.append((owner, name, owner.__dict__.get(name, _MISSING) if cls else getattr(owner, name, _MISSING)))
+    return out
+
+
 @contextlib.contextmanager
 def verl_on_cpu():
     """A gloo process group (world size 1), verl's CPU platform and the CPU attention, for the
-    duration of the block; everything is restored afterwards."""
+    duration of the block; everything is restored afterwards, including the transformers
+    classes verl patches while building engines."""
     import torch.distributed as dist
     import verl.models.transformers.qwen2_vl as vq
     import verl.plugin.platform.platform_manager as pm
+
+    hf_saved = _transformers_targets()
 
     own_pg = not dist.is_initialized()
     if own_pg:
@@ -166,6 +185,12 @@ def verl_on_cpu():
     try:
         yield
     finally:
+        for owner, name, value in hf_saved:
+            if value is _MISSING:
+                if name in owner.__dict__:
+                    delattr(owner, name)
+            else:
+                setattr(owner, name, value)
         for k, v in saved.items():
             if v is _MISSING:
                 vq.__dict__.pop(k, None)
