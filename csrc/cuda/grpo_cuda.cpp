@@ -13,29 +13,13 @@
 #include <tuple>
 
 #include "../common/checks.h"
+#include "cuda_glue.h"
 #include "../common/grpo_args.h"
 #include "tsparse/grpo_launchers.h"
 
 namespace tsparse {
 
 namespace {
-
-cuda::DType logits_dtype(c10::ScalarType t) {
-  switch (t) {
-    case c10::kHalf: return cuda::DType::kFloat16;
-    case c10::kBFloat16: return cuda::DType::kBFloat16;
-    case c10::kDouble: return cuda::DType::kFloat64;
-    case c10::kFloat: return cuda::DType::kFloat32;
-    default: TORCH_CHECK(false, "tsparse: unsupported dtype ", t);
-  }
-}
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-void check_cuda(const at::Tensor& t, const char* op, const char* arg) {
-  TORCH_CHECK_VALUE(t.is_cuda(), "tsparse.", op, ": `", arg, "` must be a CUDA tensor here, got ",
-                    t.device());
-}
 
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
@@ -53,9 +37,9 @@ void launch_backward(const LogprobsBwdPrep& p, void* grad, int64_t grad_stride, 
   a.entropy = ptr_or_null(p.entropy);
   a.grad_logp = ptr_or_null(p.grad_logp);
   a.grad_entropy = ptr_or_null(p.grad_entropy);
-  a.dtype = logits_dtype(p.logits.scalar_type());
+  a.dtype = cuda_dtype(p.logits.scalar_type());
   a.temperature = temperature;
-  cuda::logprobs_backward(a, stream());
+  cuda::logprobs_backward(a, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -84,13 +68,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_cuda(const a
   a.cols = logits.size(1);
   a.row_stride = row_stride(logits);
   a.targets = targets.data_ptr<int64_t>();
-  a.dtype = logits_dtype(logits.scalar_type());
+  a.dtype = cuda_dtype(logits.scalar_type());
   a.temperature = temperature;
   a.logp = logp.data_ptr();
   a.row_max = row_max.data_ptr();
   a.log_norm = log_norm.data_ptr();
   a.entropy = with_entropy ? entropy.data_ptr() : nullptr;
-  cuda::logprobs_forward(a, stream());
+  cuda::logprobs_forward(a, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {logp, row_max, log_norm, entropy};
 }
@@ -152,7 +136,7 @@ grpo_token_terms_cuda(const at::Tensor& logp, const at::Tensor& old_logp, const 
   a.dkl = dkl.data_ptr();
   a.dratio = dratio.data_ptr();
   a.flags = flags.data_ptr<uint8_t>();
-  cuda::grpo_token_terms(a, stream());
+  cuda::grpo_token_terms(a, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {pg, kl, ratio, flags, dpg, dkl, dratio};
 }

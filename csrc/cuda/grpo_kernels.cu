@@ -28,6 +28,7 @@
 #include <cstdio>
 #include <type_traits>
 
+#include "tsparse/cuda_common.cuh"
 #include "tsparse/grpo_launchers.h"
 #include "tsparse/grpo_math.h"
 
@@ -49,43 +50,8 @@ constexpr int kTokenThreads = 256;
 constexpr int kTokenBlocksPerSm = 8;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-int num_sms() {
-  static int cache[64] = {0};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) dev = 0;
-  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) {
-    cudaGetLastError();
-    sms = 132;
-  }
-  if (dev >= 0 && dev < 64) cache[dev] = sms;
-  return sms;
-}
-
 // ---------------------------------------------------------------------------------------
-// Element types.
-template <typename T> struct Elem;
-template <> struct Elem<float> {
-  using Acc = float;
-  __device__ static Acc load(float v) { return v; }
-  __device__ static float store(Acc v) { return v; }
-};
-template <> struct Elem<double> {
-  using Acc = double;
-  __device__ static Acc load(double v) { return v; }
-  __device__ static double store(Acc v) { return v; }
-};
-template <> struct Elem<__half> {
-  using Acc = float;
-  __device__ static Acc load(__half v) { return __half2float(v); }
-  __device__ static __half store(Acc v) { return __float2half_rn(v); }
-};
-template <> struct Elem<__nv_bfloat16> {
-  using Acc = float;
-  __device__ static Acc load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 store(Acc v) { return __float2bfloat16_rn(v); }
-};
+// Elem<T> (load/store with fp32 or fp64 accumulation): tsparse/cuda_common.cuh.
 
 template <typename T>
 union Vec16 {

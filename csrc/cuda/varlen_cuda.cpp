@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "../common/row_ops.h"
+#include "cuda_glue.h"
 #include "../common/varlen_args.h"
 #include "tsparse/varlen.h"
 
@@ -28,16 +29,11 @@ cuda::VarlenArgs base_args(const at::Tensor& mask, const at::Tensor& keep) {
   return a;
 }
 
-void check_cuda(const at::Tensor& t, const char* arg) {
-  TORCH_CHECK_VALUE(t.is_cuda(), "tsparse.", kPackOp, ": `", arg, "` must be a CUDA tensor here, got ",
-                    t.device());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> varlen_seqlens_cuda(const at::Tensor& attention_mask,
                                                        const c10::optional<at::Tensor>& keep_in) {
-  check_cuda(attention_mask, "attention_mask");
+  check_cuda(attention_mask, kPackOp, "attention_mask");
   c10::cuda::CUDAGuard guard(attention_mask.device());
   const at::Tensor mask = varlen_mask(attention_mask);
   const at::Tensor keep = varlen_keep(keep_in, mask);
@@ -46,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_seqlens_cuda(const at::Tensor& attenti
   cuda::VarlenArgs a = base_args(mask, keep);
   a.seqlens = seqlens.data_ptr<int32_t>();
   a.cu_seqlens = cu.data_ptr<int32_t>();
-  cuda::varlen_seqlens(a, c10::cuda::getCurrentCUDAStream().stream());
+  cuda::varlen_seqlens(a, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {seqlens, cu};
 }
@@ -55,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_pa
     const at::Tensor& attention_mask, const c10::optional<at::Tensor>& keep,
     const at::Tensor& cu_seqlens, int64_t total, const c10::optional<at::Tensor>& input_ids,
     const c10::optional<at::Tensor>& position_ids) {
-  check_cuda(attention_mask, "attention_mask");
+  check_cuda(attention_mask, kPackOp, "attention_mask");
   c10::cuda::CUDAGuard guard(attention_mask.device());
   const VarlenPackPrep p = prep_varlen_pack(attention_mask, keep, cu_seqlens, total, input_ids, position_ids);
   const auto lopt = p.mask.options().dtype(at::kLong);
@@ -80,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_pa
     a.channels = p.channels;
     a.pos_out = pos_out.data_ptr<int64_t>();
   }
-  cuda::varlen_pack(a, c10::cuda::getCurrentCUDAStream().stream());
+  cuda::varlen_pack(a, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {indices, inverse, ids_out, labels, pos_out};
 }

@@ -12,32 +12,12 @@
 
 #include "../common/box_mask_plan.h"
 #include "../common/checks.h"
+#include "cuda_glue.h"
 #include "../common/row_args.h"
 #include "../common/row_ops.h"
 #include "tsparse/launchers.h"
 
 namespace tsparse {
-
-namespace {
-
-cuda::DType to_dtype(c10::ScalarType t) {
-  switch (t) {
-    case c10::kHalf: return cuda::DType::kFloat16;
-    case c10::kBFloat16: return cuda::DType::kBFloat16;
-    case c10::kDouble: return cuda::DType::kFloat64;
-    case c10::kFloat: return cuda::DType::kFloat32;
-    default: TORCH_CHECK(false, "tsparse: unsupported dtype ", t);
-  }
-}
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-void check_cuda(const at::Tensor& t, const char* op, const char* arg) {
-  TORCH_CHECK_VALUE(t.is_cuda(), "tsparse.", op, ": `", arg, "` must be a CUDA tensor here, got ",
-                    t.device());
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> box_to_patch_mask_cuda(
     const at::Tensor& boxes, const at::Tensor& box_offsets, const at::Tensor& image_grid_thw,
@@ -62,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> box_to_patch_mask_cuda(
   a.keep_all_when_empty = keep_all_when_empty;
   a.keep = keep.data_ptr<bool>();
   a.kept_counts = counts.data_ptr<int32_t>();
-  cuda::box_to_patch_mask(a, stream());
+  cuda::box_to_patch_mask(a, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {keep, counts};
 }
@@ -88,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> gather_rows_cuda(const at::Tensor& x_in,
   a.inverse = build_inverse ? inverse.data_ptr<int32_t>() : nullptr;
   a.elem_bytes = p.x.element_size();
   a.op = cuda::OpTag::kGatherTokens;
-  cuda::compose_rows(a, stream());
+  cuda::compose_rows(a, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, inverse};
 }
@@ -101,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> scatter_rows_cuda(const at::Tensor& src_in,
   at::Tensor inverse = at::empty({num_rows}, p.src.options().dtype(at::kInt));
   cuda::build_inverse(p.index.data_ptr(), p.index.scalar_type() == at::kLong, p.index.size(0),
                       inverse.data_ptr<int32_t>(), num_rows, cuda::OpTag::kScatterTokens,
-                      stream());
+                      current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor out = at::empty({num_rows, p.src.size(1)}, p.src.options());
   cuda::ComposeRowsArgs a;
@@ -118,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> scatter_rows_cuda(const at::Tensor& src_in,
   a.fill_stride = p.fill.defined() ? row_stride(p.fill) : 0;
   a.elem_bytes = p.src.element_size();
   a.op = cuda::OpTag::kScatterTokens;
-  cuda::compose_rows(a, stream());
+  cuda::compose_rows(a, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, inverse};
 }
@@ -151,9 +131,9 @@ at::Tensor compose_rows_cuda(const c10::optional<at::Tensor>& src_in, const at::
   }
   a.scale = p.scale.defined() ? p.scale.data_ptr<float>() : nullptr;
   a.elem_bytes = p.ref.element_size();
-  if (a.scale != nullptr) a.dtype = to_dtype(p.ref.scalar_type());
+  if (a.scale != nullptr) a.dtype = cuda_dtype(p.ref.scalar_type());
   a.op = cuda::OpTag::kInternal;
-  cuda::compose_rows(a, stream());
+  cuda::compose_rows(a, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -176,8 +156,8 @@ at::Tensor segment_reduce_rows_cuda(const at::Tensor& src_in, const at::Tensor& 
   a.perm_len = p.perm.size(0);
   a.offsets = p.offsets.data_ptr<int64_t>();
   a.mean = mean;
-  a.dtype = to_dtype(p.src.scalar_type());
-  cuda::segment_reduce_rows(a, stream());
+  a.dtype = cuda_dtype(p.src.scalar_type());
+  cuda::segment_reduce_rows(a, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -188,8 +168,8 @@ at::Tensor row_inv_norms_cuda(const at::Tensor& x_in, double eps) {
   const at::Tensor x = rows_view(x_in);
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
-  cuda::row_inv_norms(x.data_ptr(), x.size(0), x.size(1), row_stride(x), to_dtype(x.scalar_type()),
-                      eps, out.data_ptr<float>(), stream());
+  cuda::row_inv_norms(x.data_ptr(), x.size(0), x.size(1), row_stride(x), cuda_dtype(x.scalar_type()),
+                      eps, out.data_ptr<float>(), current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "tsparse/box_math.h"
+#include "tsparse/cuda_common.cuh"
 #include "tsparse/launchers.h"
 
 namespace tsparse {
@@ -29,20 +30,6 @@ constexpr int kThreads = 256;   // threads per block for every row kernel
 constexpr int kUnroll = 4;      // units each lane has in flight per iteration
 constexpr int kBlocksPerSm = 8; // grid-stride cap: enough blocks to fill every SM several times
 constexpr int kBoxChunk = 64;   // boxes staged in shared memory at a time (box mask)
-
-int num_sms() {
-  static int cache[64] = {0};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) dev = 0;
-  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) {
-    cudaGetLastError();  // clear the sticky-free error from the failed query
-    sms = 132;
-  }
-  if (dev >= 0 && dev < 64) cache[dev] = sms;
-  return sms;
-}
 
 int lanes_log2_for(int64_t units_per_row) {
   int l = 0;
@@ -155,28 +142,7 @@ compose_copy_kernel(Unit* __restrict__ out, int64_t out_rows, int units,
 }
 
 // ---------------------------------------------------------------------------------
-// Element traits: fp32 accumulation for 16/32-bit floats, fp64 for fp64.
-template <typename T> struct Elem;
-template <> struct Elem<float> {
-  using acc = float;
-  __device__ static acc load(float v) { return v; }
-  __device__ static float store(acc v) { return v; }
-};
-template <> struct Elem<double> {
-  using acc = double;
-  __device__ static acc load(double v) { return v; }
-  __device__ static double store(acc v) { return v; }
-};
-template <> struct Elem<__half> {
-  using acc = float;
-  __device__ static acc load(__half v) { return __half2float(v); }
-  __device__ static __half store(acc v) { return __float2half_rn(v); }
-};
-template <> struct Elem<__nv_bfloat16> {
-  using acc = float;
-  __device__ static acc load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 store(acc v) { return __float2bfloat16_rn(v); }
-};
+// Element traits (Elem<T>: load/store with fp32 or fp64 accumulation): tsparse/cuda_common.cuh.
 
 // VEC elements of T moved as one access (VEC * sizeof(T) == 16, or VEC == 1).
 template <typename T, int VEC> struct Pack {
@@ -228,12 +194,12 @@ compose_scaled_kernel(T* __restrict__ out, int64_t out_rows, int64_t cols,
     if (s < 0) {
       Pack<T, VEC> z;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) z.e[k] = E::store(typename E::acc(0));
+      for (int k = 0; k < VEC; ++k) z.e[k] = E::store(typename E::Acc(0));
       for (int v = lane; v < vecs; v += lanes) store_pack<T, VEC>(dst + v * VEC, z);
       continue;
     }
     if (s >= src_rows) fail_out_of_range(op, s, src_rows);
-    const typename E::acc sc = static_cast<typename E::acc>(scale[s]);
+    const typename E::Acc sc = static_cast<typename E::Acc>(scale[s]);
     const T* row = src + s * src_stride;
     for (int v = lane; v < vecs; v += lanes) {
       Pack<T, VEC> p = load_pack<T, VEC>(row + v * VEC);
@@ -252,7 +218,7 @@ segment_reduce_kernel(T* __restrict__ out, int64_t out_rows, int64_t cols,
                       const int64_t* __restrict__ perm, int64_t perm_len,
                       const int64_t* __restrict__ offsets, bool mean, int lanes_log2) {
   using E = Elem<T>;
-  using A = typename E::acc;
+  using A = typename E::Acc;
   const RowGroups g{lanes_log2};
   const int lane = g.lane();
   const int lanes = g.lanes();
@@ -289,7 +255,7 @@ __global__ void __launch_bounds__(kThreads)
 row_inv_norms_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, int64_t stride,
                      double eps, float* __restrict__ out) {
   using E = Elem<T>;
-  using A = typename E::acc;
+  using A = typename E::Acc;
   const int lane = threadIdx.x & 31;
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
