@@ -152,15 +152,36 @@ def _has_ninja_module() -> bool:
     return importlib.util.find_spec("ninja") is not None
 
 
+class _BuildPy:
+    """build_py that also copies the repository's configs/ (YAML: method prompts and rewards,
+    tiny model, datasets, verl stages) into the built package as tsparse/_configs, so a wheel
+    install finds them (tsparse.dualstream.config.config_dir)."""
+
+    def __new__(cls):
+        from setuptools.command.build_py import build_py
+
+        class BuildPy(build_py):
+            def run(self):
+                super().run()
+                src = os.path.join(ROOT, "configs")
+                dst = os.path.join(self.build_lib, "tsparse", "_configs")
+                for path in glob.glob(os.path.join(src, "**", "*.yaml"), recursive=True):
+                    rel = os.path.relpath(path, src)
+                    os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+                    shutil.copyfile(path, os.path.join(dst, rel))
+
+        return BuildPy
+
+
 def main():
     if os.environ.get("TSPARSE_NO_EXT", "0") == "1":
         # Metadata-only (editable) install; `make build` compiles tsparse._C in place.
-        setup()
+        setup(cmdclass={"build_py": _BuildPy()})
         return
     ext_modules, what = _extensions()
     setup(
         ext_modules=ext_modules,
-        cmdclass={"build_ext": _Build(what)},
+        cmdclass={"build_ext": _Build(what), "build_py": _BuildPy()},
     )
 
 

@@ -1,5 +1,6 @@
-"""Checks a built wheel: it holds tsparse/_C*.so, and when built with CUDA for 9.0a the
-shared object carries sm_90a code (listed by cuobjdump from the dev extra)."""
+"""Checks a built wheel: it holds tsparse/_C*.so; when built with CUDA for 9.0a the shared
+object carries sm_90a code (listed by cuobjdump from the dev extra); and, installed on its own
+(outside the source tree), it imports and finds its configs (tsparse/_configs)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,23 @@ def find_cuobjdump():
     return shutil.which("cuobjdump")
 
 
+def check_installed(wheel: str) -> None:
+    """Installs the wheel into a scratch folder and imports it from there, away from the repo."""
+    with tempfile.TemporaryDirectory() as target:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                        "--target", target, wheel], check=True)
+        code = (
+            "import sys, os; sys.path.insert(0, os.getcwd()); import tsparse; "
+            "assert tsparse.__file__.startswith(os.getcwd()), tsparse.__file__; "
+            "from tsparse.dualstream.config import config_dir, load_method_config; "
+            "d = config_dir(); assert d.is_dir() and d.name == '_configs', d; "
+            "load_method_config(); "
+            "from tsparse.dualstream.rewards import compute_score; "
+            "print('installed wheel OK:', tsparse.build_info()['version'], d)"
+        )
+        subprocess.run([sys.executable, "-c", code], cwd=target, check=True)
+
+
 def main(paths):
     wheels = [p for pattern in paths for p in glob.glob(pattern)]
     if not wheels:
@@ -38,6 +56,7 @@ def main(paths):
                 return
             os.chmod(exe, 0o755)
             out = subprocess.run([exe, "--list-elf", so], capture_output=True, text=True).stdout
+    check_installed(wheel)
     cubins = [line.split(":")[-1].strip() for line in out.splitlines() if ".cubin" in line]
     print(f"check_wheel: {os.path.basename(wheel)}: {libs[0]}; device code: {cubins or 'none (CPU-only build)'}")
     if os.environ.get("TSPARSE_CUDA", "1") != "0" and not any("sm_90a" in c for c in cubins):

@@ -38,11 +38,17 @@ PathLike = Union[str, os.PathLike]
 
 
 def config_dir() -> Path:
-    """The folder bare config names resolve in: ``$TSPARSE_CONFIG_DIR`` or ``<repo>/configs``."""
+    """The folder bare config names resolve in: ``$TSPARSE_CONFIG_DIR``; else ``<repo>/configs``
+    when this package runs from a source tree (editable install); else the copy of ``configs/``
+    that a built wheel carries inside the package (``tsparse/_configs``, written by setup.py)."""
     env = os.environ.get("TSPARSE_CONFIG_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "configs"
+    here = Path(__file__).resolve()
+    repo = here.parents[2] / "configs"
+    if repo.is_dir():
+        return repo
+    return here.parents[1] / "_configs"
 
 
 def resolve_config_path(name_or_path: PathLike) -> Path:
