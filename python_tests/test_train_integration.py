@@ -142,6 +142,17 @@ def test_parameters_changed_in_every_stage_and_checkpoints_hold_them(pipeline):
                      "warmup-final", f"warmup-step{WARMUP_STEPS - 1:06d}"]
 
 
+def test_checkpoints_carry_the_method_config_they_were_trained_with(pipeline):
+    from tsparse.dualstream.config import method_config_for_model
+
+    model_dir = pipeline.out / "checkpoints" / "sparse-final" / "model"
+    assert (model_dir / "tsparse_method.yaml").is_file()
+    # Inference / evaluation of this checkpoint use its training prompts, not the defaults.
+    assert method_config_for_model(model_dir) == pipeline.trainer.method
+    assert method_config_for_model(model_dir, "dualstream") != pipeline.trainer.method
+    assert method_config_for_model(None) == method_config_for_model(pipeline.out)  # no file: the default
+
+
 def test_metrics_plot_evals_and_summary_are_written(pipeline):
     out = pipeline.out
     png = (out / "metrics.png").read_bytes()

@@ -591,9 +591,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args.model = model_name
     model, proc = _load(args)
-    from .dualstream.config import load_method_config
+    from .dualstream.config import method_config_for_model
 
-    pipe = TokenSparseInference(model, proc, method=load_method_config(args.method_config), config=cfg)
+    pipe = TokenSparseInference(model, proc, method=method_config_for_model(
+        None if embedded else model_name, args.method_config), config=cfg)
     if embedded:
         print("embedded default: the tiny RANDOM model on the synthetic scans; boxes from the data "
               f"(--boxes {cfg.boxes}) and option likelihood (--answer {cfg.answer}), since a random model can "

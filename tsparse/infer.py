@@ -606,7 +606,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default: the checkpoint's (tiny: float32)")
     p.add_argument("--config", default=None, help="eval config (default configs/eval.yaml)")
-    p.add_argument("--method-config", default=None, help="method config (default configs/dualstream.yaml)")
+    p.add_argument("--method-config", default=None, help="method config (default: the tsparse_method.yaml a tsparse.train checkpoint carries, else configs/dualstream.yaml)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (torch.set_num_threads)")
 
 
@@ -673,7 +673,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         question = samples[args.index]
 
     model, proc = _load(args)
-    method = load_method_config(args.method_config)
+    from .dualstream.config import method_config_for_model
+
+    method = method_config_for_model(None if args.model in (None, "tiny") else args.model, args.method_config)
     pipe = TokenSparseInference(model, proc, method=method, config=cfg)
     res = pipe.run_batch([question], boxes=given_boxes,
                          localization_texts=[args.localization] if args.localization is not None else None)[0]

@@ -321,3 +321,28 @@ class MethodConfig:
 def load_method_config(name_or_path: Optional[PathLike] = None) -> MethodConfig:
     """Reads a method config (default: ``configs/dualstream.yaml``)."""
     return MethodConfig.from_dict(load_yaml("dualstream" if name_or_path is None else name_or_path))
+
+
+#: the method config a trained checkpoint was trained with, next to its weights
+CHECKPOINT_METHOD_FILE = "tsparse_method.yaml"
+
+
+def save_method_config(method: MethodConfig, folder: PathLike) -> Path:
+    """Writes ``method`` as ``<folder>/tsparse_method.yaml`` (the trainer does, into every
+    checkpoint's ``model/``), so inference and evaluation use the prompts it was trained on."""
+    import yaml
+
+    path = Path(folder) / CHECKPOINT_METHOD_FILE
+    path.write_text(yaml.safe_dump(dataclasses.asdict(method), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def method_config_for_model(model_path: Optional[PathLike], name_or_path: Optional[PathLike] = None) -> MethodConfig:
+    """The method config to run ``model_path`` with: ``name_or_path`` when given; else the
+    ``tsparse_method.yaml`` a tsparse.train checkpoint carries (its training prompts - a model
+    trained on one prompt wording does not follow another); else ``configs/dualstream.yaml``."""
+    if name_or_path is None and model_path is not None:
+        saved = Path(model_path) / CHECKPOINT_METHOD_FILE
+        if saved.is_file():
+            return load_method_config(saved)
+    return load_method_config(name_or_path)

@@ -67,10 +67,13 @@ def save_checkpoint(
     processor,
     state: dict,
     optimizer=None,
+    method=None,
 ) -> Path:
     """Writes checkpoint ``name`` under ``root`` (``<output_dir>/checkpoints``) and points
     ``latest`` at it. ``state``: the trainer's progress (plain data); ``optimizer``: a
-    :class:`~tsparse.train.optim.TrainerOptimizer` or ``None``. Returns the folder."""
+    :class:`~tsparse.train.optim.TrainerOptimizer` or ``None``; ``method``: the
+    :class:`~tsparse.dualstream.config.MethodConfig` trained with, saved next to the weights as
+    ``model/tsparse_method.yaml`` (inference and evaluation pick it up). Returns the folder."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
@@ -84,6 +87,10 @@ def save_checkpoint(
     try:
         model.save_pretrained(tmp / "model", safe_serialization=True)
         processor.save_pretrained(tmp / "model")
+        if method is not None:
+            from ..dualstream.config import save_method_config
+
+            save_method_config(method, tmp / "model")
     finally:
         if bars:
             hf_logging.enable_progress_bar()

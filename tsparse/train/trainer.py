@@ -605,7 +605,8 @@ class Trainer:
         state = dict(self.state)
         state["config"] = self.cfg.to_dict()
         path = ckpt.save_checkpoint(self.ckpt_root, name, model=self.model, processor=self.processor, state=state,
-                                    optimizer=self.optimizer if self.cfg.checkpoint.save_optimizer else None)
+                                    optimizer=self.optimizer if self.cfg.checkpoint.save_optimizer else None,
+                                    method=self.method)
         return path
 
     def _lr(self) -> float:
