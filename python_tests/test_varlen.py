@@ -121,6 +121,15 @@ def test_wrong_total_raises_on_cpu():
         pack_varlen(torch.randn(2, 3), mask, total=7, max_seqlen=3)  # more than B * L
 
 
+@pytest.mark.parametrize("cu", [[-4, -2, 2], [0, 1, 4], [0, 3, 4], [1, 3, 4]])
+def test_inconsistent_cu_seqlens_raise_on_cpu(cu):
+    # The raw op trusts no caller: a cu_seqlens that disagrees with the masks is an error, never
+    # a write outside the outputs (the CUDA kernel traps on the same inputs: test_varlen_cuda.py).
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="cu_seqlens|total"):
+        torch.ops.tsparse.varlen_pack(mask, None, torch.tensor(cu, dtype=torch.int32), cu[-1], None, None)
+
+
 def test_pack_gradcheck(device):
     mask = random_mask(3, 7, "mixed").to(device)
     keep = random_keep(mask.cpu()).to(device)

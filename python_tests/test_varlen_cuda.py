@@ -1,5 +1,5 @@
 """CUDA-only behaviour of varlen packing: no host syncs with `total`/`max_seqlen` given, exactly
-one without, and a device-side error for a wrong `total`."""
+one without, and device-side errors for a wrong `total` or an inconsistent `cu_seqlens`."""
 
 from __future__ import annotations
 
@@ -67,3 +67,17 @@ def test_wrong_total_is_a_device_error():
         torch.cuda.synchronize()
     """)], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "total" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("cu", [[-4, -2, 2], [0, 1, 4], [0, 3, 4]])
+def test_inconsistent_cu_seqlens_are_a_device_error(cu):
+    # A direct call of the raw op with a cu_seqlens that disagrees with the masks must trap
+    # (each block checks its own CSR row before writing), never write outside the outputs.
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import torch, tsparse
+        m = torch.ones(2, 2, dtype=torch.bool, device="cuda")
+        cu = torch.tensor({cu!r}, dtype=torch.int32, device="cuda")
+        torch.ops.tsparse.varlen_pack(m, None, cu, {cu[-1]}, None, None)
+        torch.cuda.synchronize()
+    """)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "cu_seqlens" in r.stdout + r.stderr

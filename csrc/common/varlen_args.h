@@ -21,6 +21,10 @@ inline at::Tensor varlen_mask(const at::Tensor& attention_mask) {
   TORCH_CHECK_VALUE(attention_mask.numel() <= std::numeric_limits<int32_t>::max(), "tsparse.",
                     kPackOp, ": `attention_mask` has ", attention_mask.numel(),
                     " tokens; cu_seqlens are int32, so at most 2^31 - 1 are supported");
+  // One CUDA block per row (grid.x): B is bounded even when L == 0 leaves numel at 0.
+  TORCH_CHECK_VALUE(attention_mask.size(0) <= std::numeric_limits<int32_t>::max(), "tsparse.",
+                    kPackOp, ": `attention_mask` has ", attention_mask.size(0),
+                    " rows; at most 2^31 - 1 are supported");
   const auto t = attention_mask.scalar_type();
   if (t == at::kBool || t == at::kInt || t == at::kLong) return attention_mask.contiguous();
   TORCH_CHECK_TYPE(!attention_mask.is_complex(), "tsparse.", kPackOp,

@@ -23,6 +23,12 @@ __device__ __noinline__ void fail_total(long long have, long long want) {
   __trap();
 }
 
+__device__ __noinline__ void fail_cu(long long row, long long begin, long long end, long long total) {
+  printf("tsparse.pack_varlen: `cu_seqlens` does not match the masks at row %lld "
+         "([%lld, %lld) of %lld packed tokens)\n", row, begin, end, total);
+  __trap();
+}
+
 template <typename M>
 __device__ __forceinline__ bool kept(const M* __restrict__ mask, const bool* __restrict__ keep,
                                      int64_t i) {
@@ -97,7 +103,10 @@ __global__ void __launch_bounds__(kRowThreads) pack_kernel(VarlenPackArgs a) {
   const M* __restrict__ mask = static_cast<const M*>(a.base.mask);
   const bool* __restrict__ keep = a.base.keep;
   const int64_t total = a.total;
-  // Every block checks the caller's `total` before it writes anything.
+  // Every block checks the caller's `total` and its own CSR row [cu[b], cu[b + 1]) before it
+  // writes anything, then writes only inside that row (a token past its end traps first), and
+  // traps if the row held fewer tokens than cu says: a cu_seqlens that disagrees with the masks
+  // (possible when the op is called directly) can never write out of bounds or leave holes.
   if (int64_t(cu[batch]) != total) fail_total(cu[batch], total);
 
   const int lane = threadIdx.x & 31;
@@ -105,6 +114,8 @@ __global__ void __launch_bounds__(kRowThreads) pack_kernel(VarlenPackArgs a) {
   const int64_t b = blockIdx.x;
   const int64_t row = b * seqlen;
   const int64_t base = cu[b];
+  const int64_t end = cu[b + 1];
+  if (cu[0] != 0 || base < 0 || end < base || end > total) fail_cu(b, base, end, total);
   const int64_t plane = batch * seqlen;  // one position row of [C, B, L]
   int64_t running = 0;
   for (int64_t chunk = 0; chunk < seqlen; chunk += kRowThreads) {
@@ -125,7 +136,7 @@ __global__ void __launch_bounds__(kRowThreads) pack_kernel(VarlenPackArgs a) {
       const int64_t i = row + l;
       if (flag) {
         const int64_t p = base + running + before + __popc(ballot & ((1u << lane) - 1u));
-        if (p >= total) fail_total(p + 1, total);
+        if (p >= end) fail_cu(b, base, end, total);
         a.indices[p] = i;
         a.inverse[i] = static_cast<int32_t>(p);
         if (a.ids != nullptr) {
@@ -141,6 +152,7 @@ __global__ void __launch_bounds__(kRowThreads) pack_kernel(VarlenPackArgs a) {
     running += chunk_total;
     __syncthreads();  // warp_counts is rewritten by the next chunk
   }
+  if (base + running != end) fail_cu(b, base, end, total);  // uniform: every thread agrees
 }
 
 template <typename F>
