@@ -586,6 +586,10 @@ def test_fuse_bad_inputs():
         fuse_tokens(x.long(), keep, [0, 6])
     with pytest.raises(ValueError, match="kept_counts"):
         fuse_tokens(x, keep, [0, 6], kept_counts=[7])
+    with pytest.raises(ValueError, match="kept_counts"):  # right total, wrong split
+        fuse_tokens(x, keep, [0, 2, 6], kept_counts=[0, 3])
+    with pytest.raises(ValueError, match="kept_counts"):  # too few: a kept token would be lost
+        fuse_tokens(x, keep, [0, 6], kept_counts=[2])
 
 
 # ======================================================================================

@@ -92,6 +92,18 @@ def test_duplicate_index_under_unique_promise_is_a_device_error():
     assert r.returncode != 0 and "scatter_tokens" in r.stdout + r.stderr
 
 
+def test_fuse_with_counts_that_disagree_with_keep_is_a_device_error():
+    # Same total, wrong split between images: checked asynchronously (no host sync).
+    r = _run_child("""
+        import torch, tsparse
+        x = torch.randn(4, 8, device="cuda")
+        keep = torch.tensor([True, False, True, True], device="cuda")
+        tsparse.ops.fuse_tokens(x, keep, [0, 2, 4], kept_counts=[2, 1])
+        torch.cuda.synchronize()
+    """)
+    assert r.returncode != 0 and "kept_counts" in r.stdout + r.stderr
+
+
 def test_cuda_matches_cpu_bitwise_for_masks_and_copies():
     grid = torch.tensor([[1, 72, 72], [2, 36, 48]])
     boxes = torch.rand(5, 4) * 0.5

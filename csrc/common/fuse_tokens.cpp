@@ -16,12 +16,16 @@
 // argmax and is not computed.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/argmax.h>
 #include <ATen/ops/bmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/full_like.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/minimum.h>
 #include <ATen/ops/nonzero_static.h>
 #include <ATen/ops/reciprocal.h>
@@ -29,6 +33,7 @@
 #include <ATen/ops/sort.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -80,6 +85,29 @@ at::Tensor padded_row_map(const at::Tensor& rows, const at::Tensor& base, const 
                    at::full_like(pos, -1));
 }
 
+// The caller's per-image kept counts size every buffer below, so they must be the mask's own:
+// otherwise a dropped token could be merged across images or a kept one lost. Checked on the
+// device with no host sync (an asynchronous device assert on CUDA, an eager check on CPU).
+void check_counts_match(const at::Tensor& keep, at::IntArrayRef token_offsets,
+                        at::IntArrayRef kept_counts) {
+  const int64_t num_images = int64_t(kept_counts.size());
+  if (num_images == 0) return;
+  const auto lopt = at::TensorOptions().dtype(at::kLong).device(keep.device());
+  const at::Tensor csum = at::cat({at::zeros({1}, lopt), at::cumsum(keep, 0, at::kLong)});
+  const at::Tensor offs = to_device_longs(token_offsets.vec(), 1, keep.device()).reshape({-1});
+  const at::Tensor actual = csum.index_select(0, offs.slice(0, 1)) -
+                            csum.index_select(0, offs.slice(0, 0, num_images));
+  const at::Tensor given = to_device_longs(kept_counts.vec(), 1, keep.device()).reshape({-1});
+  const at::Tensor ok = actual.eq(given).all();
+  if (keep.device().is_cpu()) {
+    TORCH_CHECK_VALUE(ok.item<bool>(), "tsparse.", kOp,
+                      ": `kept_counts` does not match the number of kept tokens of `keep` in "
+                      "each image");
+  } else {
+    at::_assert_async(ok, "tsparse.fuse_tokens: `kept_counts` does not match `keep`");
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_impl(const at::Tensor& x_in,
@@ -115,6 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_impl(const at::Tensor
   }
   const int64_t num_kept = kofs.back();
   const int64_t num_dropped = n - num_kept;
+  check_counts_match(keep, token_offsets, kept_counts);
 
   const at::Tensor x = rows_view(x_in);
   const auto lopt = at::TensorOptions().dtype(at::kLong).device(x.device());
