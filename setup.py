@@ -114,7 +114,10 @@ def _extensions():
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # -fopenmp: at::parallel_for is inlined into our translation units and is serial
     # without it. The extension then needs libgomp.so.1, which torch already loaded.
-    cxx += ["-fvisibility=hidden", "-fopenmp"]
+    # -ffp-contract=off: no FMA contraction of the host copies of the shared __host__ __device__
+    # math (box_math.h rounds every step, as the device code and the references do; an FMA on
+    # aarch64 or -march=native hosts would move a box edge that lands exactly on a cell border).
+    cxx += ["-fvisibility=hidden", "-fopenmp", "-ffp-contract=off"]
     link = ["-fopenmp"]
     extra = {"cxx": cxx}
     if with_cuda:
