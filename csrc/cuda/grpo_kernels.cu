@@ -184,9 +184,9 @@ __device__ __forceinline__ LseState<typename Elem<T>::Acc> stream_row(const T* r
 
 template <typename T>
 __device__ __forceinline__ void finish_forward(const FwdParams<T>& p, int64_t r, const T* row,
+                                               int64_t t,
                                                const LseState<typename Elem<T>::Acc>& st) {
   using Acc = typename Elem<T>::Acc;
-  const int64_t t = p.targets[r];
   if (t < 0 || t >= p.cols) fail_target(r, t, p.cols);
   const RowStats<Acc> rs = grpo::lse_finish(st);
   const Acc zt = Elem<T>::load(row[t]) * p.inv_temp;
@@ -202,9 +202,11 @@ __global__ void __launch_bounds__(kWarpRowThreads) logprobs_fwd_warp_kernel(FwdP
   if (r >= p.rows) return;  // the whole warp leaves together; no CTA-wide barrier below
   const int lane = threadIdx.x & 31;
   const T* row = p.logits + r * p.stride;
+  // The target is loaded before the row streams, so its latency hides behind the row.
+  const int64_t t = lane == 0 ? p.targets[r] : 0;
   auto st = stream_row<T>(row, p.cols, p.inv_temp, lane, 32);
   st = warp_merge(st);
-  if (lane == 0) finish_forward(p, r, row, st);
+  if (lane == 0) finish_forward(p, r, row, t, st);
 }
 
 template <typename T, int THREADS>
@@ -213,9 +215,10 @@ __global__ void __launch_bounds__(THREADS) logprobs_fwd_cta_kernel(FwdParams<T> 
   __shared__ LseState<Acc> red[33];
   const int64_t r = blockIdx.x;  // grid == rows
   const T* row = p.logits + r * p.stride;
+  const int64_t t = threadIdx.x == 0 ? p.targets[r] : 0;  // loaded early (see the warp kernel)
   auto st = stream_row<T>(row, p.cols, p.inv_temp, threadIdx.x, THREADS);
   st = cta_merge<Acc, THREADS>(st, red);
-  if (threadIdx.x == 0) finish_forward(p, r, row, st);
+  if (threadIdx.x == 0) finish_forward(p, r, row, t, st);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -83,16 +83,18 @@ struct RowGroups {
 template <typename Unit>
 __device__ __forceinline__ void copy_row(Unit* __restrict__ dst, const Unit* __restrict__ src,
                                          int units, int lane, int lanes) {
-  for (int u = lane; u < units; u += lanes * kUnroll) {
+  // 64-bit loop indices: `units` may be up to 2^31 - 1 (a row of bytes), and u + k * lanes
+  // would overflow an int in the last trip.
+  for (int64_t u = lane; u < units; u += int64_t(lanes) * kUnroll) {
     Unit v[kUnroll];
 #pragma unroll
     for (int k = 0; k < kUnroll; ++k) {
-      const int uu = u + k * lanes;
+      const int64_t uu = u + int64_t(k) * lanes;
       if (uu < units) v[k] = __ldg(src + uu);
     }
 #pragma unroll
     for (int k = 0; k < kUnroll; ++k) {
-      const int uu = u + k * lanes;
+      const int64_t uu = u + int64_t(k) * lanes;
       if (uu < units) dst[uu] = v[k];
     }
   }
@@ -101,7 +103,7 @@ __device__ __forceinline__ void copy_row(Unit* __restrict__ dst, const Unit* __r
 template <typename Unit>
 __device__ __forceinline__ void zero_row(Unit* __restrict__ dst, int units, int lane, int lanes) {
   const Unit z{};
-  for (int u = lane; u < units; u += lanes) dst[u] = z;
+  for (int64_t u = lane; u < units; u += lanes) dst[u] = z;
 }
 
 // ---------------------------------------------------------------------------------

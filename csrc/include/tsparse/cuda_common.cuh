@@ -6,21 +6,27 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <atomic>
+
 namespace tsparse {
 namespace cuda {
 
-// Multiprocessors of the current device, cached per device (132 if the query fails).
+// Multiprocessors of the current device, cached per device (132 if the query fails). The
+// cache is atomic: launchers may run on several host threads (one per device, e.g.).
 inline int num_sms() {
-  static int cache[64] = {0};
+  static std::atomic<int> cache[64];  // static storage: zero-initialized
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) dev = 0;
-  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
+  if (dev >= 0 && dev < 64) {
+    const int cached = cache[dev].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
   int sms = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) {
     cudaGetLastError();  // clear the error of the failed query
     sms = 132;
   }
-  if (dev >= 0 && dev < 64) cache[dev] = sms;
+  if (dev >= 0 && dev < 64) cache[dev].store(sms, std::memory_order_relaxed);
   return sms;
 }
 

@@ -47,14 +47,27 @@ namespace grpo {
 // that may be -inf: exp(kMinOffset) == 0 in fp32 and fp64, and 0 * kMinOffset == 0.
 constexpr float kMinOffset = -1e30f;
 
+// exp for the softmax terms of the row kernels (one per logit): on the device MUFU.EX2 of
+// x * log2(e). Rounding x * log2(e) to fp32 adds ~|x| * 6e-8 relative error on top of ex2's
+// ~2 ulp; harmless here, where x <= 0 and a large |x| means a negligible probability.
 TSPARSE_HD float exp_acc(float x) {
 #if defined(__CUDA_ARCH__)
-  return exp2f(x * 1.4426950408889634f);  // MUFU.EX2; max error ~2 ulp
+  return exp2f(x * 1.4426950408889634f);
 #else
   return std::exp(x);
 #endif
 }
 TSPARSE_HD double exp_acc(double x) { return exp(x); }
+// exp for the per-token terms (ratio, k3 KL), whose arguments reach +-20: the accurate
+// expf (proper range reduction, ~2 ulp), as the CPU's std::exp; one per token, so free.
+TSPARSE_HD float exp_token(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+TSPARSE_HD double exp_token(double x) { return exp(x); }
 TSPARSE_HD float log_acc(float x) {
 #if defined(__CUDA_ARCH__)
   return logf(x);
@@ -234,7 +247,7 @@ TSPARSE_HD GrpoToken<Acc> grpo_token(Acc logp, Acc old_logp, Acc adv, Acc ref_lo
   // ratio = exp(clamp(logp - old, -20, 20))
   const Acc nak = logp - old_logp;
   const Acc c = clamp_acc(nak, Acc(-20), Acc(20));
-  o.ratio = exp_acc(c);
+  o.ratio = exp_token(c);
   o.dratio = clamp_passes(nak, Acc(-20), Acc(20), p) ? o.ratio : Acc(0);
 
   const Acc neg_a = -adv;
@@ -298,7 +311,7 @@ TSPARSE_HD GrpoToken<Acc> grpo_token(Acc logp, Acc old_logp, Acc adv, Acc ref_lo
     case KlType::kK3: {
       const Acc kl = ref_logp - logp;
       const Acc kc = clamp_acc(kl, Acc(-20), Acc(20));
-      const Acc r = exp_acc(kc);
+      const Acc r = exp_token(kc);
       const Acc kld = r - kc - Acc(1);
       o.kl = clamp_acc(kld, Acc(-10), Acc(10));
       const bool pass = clamp_passes(kld, Acc(-10), Acc(10), p) && clamp_passes(kl, Acc(-20), Acc(20), p);
