@@ -129,6 +129,17 @@ def test_box_mask_touching_edge_is_not_overlap(device):
     assert keep.cpu().tolist() == [True, False, False, False]
 
 
+def test_box_mask_rounds_every_step_like_the_reference(device):
+    # x2 = 0.8 * 24 + 0.8 is 20.000000000000004 with separate roundings (device, reference) but
+    # exactly 20 with a fused multiply-add, which would drop column 20: the build turns host FMA
+    # contraction off (setup.py), so every backend keeps it.
+    grid = torch.tensor([[1, 2, 48]])  # 1 x 24 cells
+    boxes = torch.tensor([[0.1, 0.1, 0.8, 0.9]], dtype=torch.float64, device=device)
+    keep, _ = box_to_patch_mask(boxes, torch.tensor([0, 1]), grid, margin=0.8)
+    want, _ = ref.box_to_patch_mask_ref(boxes.cpu(), torch.tensor([0, 1]), grid, margin=0.8)
+    assert keep.cpu().tolist() == want.tolist() and want.tolist()[20]
+
+
 def test_box_mask_min_coverage_is_strict(device):
     grid = torch.tensor([[1, 2, 2]])  # 1 cell
     half = torch.tensor([[0.0, 0.0, 0.5, 1.0]], device=device)  # covers exactly half
