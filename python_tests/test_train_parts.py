@@ -41,6 +41,48 @@ def test_master_weights_keep_small_updates_a_bf16_model_would_round_away():
     assert float(mastered.detach()[0]) < 0.99
 
 
+@pytest.mark.parametrize("max_norm", [0.0, 0.05, 1e9])
+@pytest.mark.parametrize("master", ["device", "cpu"])
+def test_master_step_equals_fp32_adamw_with_clipping(master, max_norm):
+    """The fp32-master step (``cpu``: one parameter at a time through a reused staging buffer)
+    is AdamW + clip_grad_norm_ on fp32 copies of the weights and gradients, over several steps
+    and parameters of different sizes, one of them without a gradient."""
+    torch.manual_seed(0)
+    shapes = [(7, 5), (3,), (11, 2, 2), (4,)]
+    model = [torch.nn.Parameter(torch.randn(s).to(torch.bfloat16)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().float().clone()) for p in model]
+    opt = TrainerOptimizer(model, lr=1e-2, weight_decay=0.1, master_weights=master)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
+    for step in range(4):
+        grads = [torch.randn(s).to(torch.bfloat16) for s in shapes]
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        for i, (p, r, g) in enumerate(zip(model, ref, grads)):
+            if i == 3 and step % 2 == 1:
+                continue  # no gradient this step: neither stepped nor decayed
+            p.grad, r.grad = g.clone(), g.float()
+        norm = opt.clip_and_step(max_norm)
+        with_grad = [r for r in ref if r.grad is not None]
+        if max_norm > 0:
+            want = float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))
+        else:
+            want = float(torch.linalg.vector_norm(torch.stack([r.grad.norm() for r in with_grad])))
+        ref_opt.step()
+        assert norm == pytest.approx(want, rel=1e-6)
+        for m, r in zip(opt.master_parameters(), ref):
+            torch.testing.assert_close(m.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+        for p, m in zip(model, opt.master_parameters()):
+            assert torch.equal(p.detach(), m.detach().to(torch.bfloat16))
+
+
+def test_cpu_master_skips_a_non_finite_step():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    opt = TrainerOptimizer([p], lr=0.1, master_weights="cpu")
+    p.grad = torch.tensor([1.0, float("nan"), 0.0], dtype=torch.bfloat16)
+    assert math.isnan(opt.clip_and_step(1.0))
+    assert torch.equal(p.detach(), torch.ones(3, dtype=torch.bfloat16)) and p.grad is None
+
+
 @pytest.mark.parametrize("master", ["none", "cpu"])
 def test_optimizer_state_round_trips(master):
     torch.manual_seed(0)

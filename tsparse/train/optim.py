@@ -4,8 +4,9 @@ A bf16 model updated in bf16 loses every update smaller than ~1/256 of a weight:
 learning rates RL fine-tuning uses (1e-6) nothing would change. ``master_weights`` keeps an
 fp32 copy of each trainable parameter (and AdamW's fp32 states) next to it - on the model's
 device (``"device"``) or on the CPU (``"cpu"``, for a 7B model whose fp32 copy and states,
-~84 GB, do not fit one GPU) - steps it with the gradients upcast to fp32, and writes the
-result back into the model's parameters. ``"none"`` steps the parameters directly (the
+~100 GB for 8.3 B parameters, do not fit one GPU; the gradients then stream to the host one
+parameter at a time through one pinned buffer) - steps it with the gradients upcast to fp32, and
+writes the result back into the model's parameters. ``"none"`` steps the parameters directly (the
 right choice for fp32 models, e.g. the tiny CPU default).
 
 :class:`TrainerOptimizer` also owns gradient clipping (on the fp32 gradients when there is a
@@ -76,6 +77,7 @@ class TrainerOptimizer:
                     m = m.pin_memory()
                 self.master.append(torch.nn.Parameter(m))
             self.inner = torch.optim.AdamW(self.master, **kw)
+        self._staging: Optional[Tensor] = None  # master_weights="cpu": one pinned fp32 gradient
 
     @property
     def param_groups(self):
@@ -97,12 +99,53 @@ class TrainerOptimizer:
         if self.master is None:
             return self.params
         for p, m in zip(self.params, self.master):
-            m.grad = None if p.grad is None else p.grad.detach().to(m.device, torch.float32, non_blocking=True)
+            m.grad = None if p.grad is None else p.grad.detach().to(m.device, torch.float32)
         return self.master
+
+    def _clip_and_step_cpu_master(self, max_grad_norm: float) -> float:
+        """``master_weights="cpu"``: the global norm is taken where the gradients are (one
+        device->host sync for the scalar), then each parameter's gradient goes to the host
+        through ONE reused pinned fp32 buffer and AdamW steps that parameter alone. Host memory
+        is the fp32 master copy and AdamW's two states (12 B per parameter) plus the largest
+        parameter once, not a second fp32 copy of every gradient (another 4 B per parameter:
+        ~33 GB for 8.3 B parameters). Same math as :meth:`clip_and_step`'s general path:
+        AdamW's update of one parameter does not depend on the others."""
+        pairs = [(p, m) for p, m in zip(self.params, self.master) if p.grad is not None]
+        if not pairs:
+            return 0.0
+        norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p, _ in pairs]
+        norm_f = float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
+        if not math.isfinite(norm_f):
+            self.zero_grad()
+            return norm_f
+        # torch.nn.utils.clip_grad_norm_'s coefficient
+        coef = min(max_grad_norm / (norm_f + 1e-6), 1.0) if max_grad_norm > 0 else 1.0
+        numel = max(p.numel() for p, _ in pairs)
+        if self._staging is None or self._staging.numel() < numel:
+            buf = torch.empty(numel, dtype=torch.float32)
+            self._staging = buf.pin_memory() if any(p.is_cuda for p in self.params) else buf
+        for m in self.master:
+            m.grad = None
+        with torch.no_grad():
+            for p, m in pairs:
+                g = self._staging[: p.numel()].view_as(m)
+                g.copy_(p.grad.detach(), non_blocking=p.grad.is_cuda)
+                if p.grad.is_cuda:
+                    torch.cuda.current_stream(p.grad.device).synchronize()  # g is read next, on the host
+                if coef != 1.0:
+                    g.mul_(coef)
+                m.grad = g
+                self.inner.step()
+                m.grad = None
+                # from pinned memory, asynchronous; m is not written again in this step
+                p.copy_(m.to(p.device, non_blocking=True))
+        return norm_f
 
     def clip_and_step(self, max_grad_norm: float) -> float:
         """Clips the gradients' global L2 norm to ``max_grad_norm`` (0: no clipping), steps,
         and returns the norm before clipping (inf/nan norms skip the step, as verl does)."""
+        if self.master_weights == "cpu":
+            return self._clip_and_step_cpu_master(max_grad_norm)
         tensors = self._stepped()
         grads = [t for t in tensors if t.grad is not None]
         if not grads:
