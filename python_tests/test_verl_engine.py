@@ -407,3 +407,28 @@ def test_rollout_records_and_batch(env):
         mm = batch["multi_modal_inputs"][i]
         assert int(mm["tsparse_prune"].sum()) == (mm["image_grid_thw"].shape[0] if rec.stream else 0)
     assert batch["tsparse_stream"].tolist() == [r.stream for r in res.records]
+
+
+def test_rollout_generates_its_own_localization_responses(env):
+    """The branch without `localization_texts`: the policy samples the localization stream
+    itself (HF generate on the engine's module), then the sparse stream; every prompt tensor
+    handed to generate sits next to the model, image_grid_thw included (on a GPU a grid left on
+    the CPU breaks the vision tower's rotary ids)."""
+    from tsparse.dualstream.config import load_method_config
+    from tsparse.integrations.verl.rollout import _generation_inputs, dual_stream_rollout
+
+    proc, samples = env["proc"], env["samples"]
+    enc = proc.encode_samples(samples, load_method_config().prompts.localization)
+    placed = _generation_inputs(enc, torch.device("meta"))
+    assert set(placed) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"}
+    assert all(v.device.type == "meta" for v in placed.values())
+
+    with verl_on_cpu():
+        res = dual_stream_rollout(
+            env["off"].module, proc, samples, method=load_method_config(), n_localization=2, n_sparse=1,
+            max_new_tokens=4, generate_kwargs={"do_sample": True, "top_k": 0},
+        )
+    loc, sp = res.stream(0), res.stream(1)
+    assert len(loc) == 2 * 2 and len(sp) == 2 * 2 * 1
+    assert all(0 < len(r.response_ids) <= 4 + 1 for r in loc)
+    assert "time/localization" in res.metrics and 0 <= res.metrics["rollout/box_parse_rate"] <= 1
