@@ -89,7 +89,10 @@ def random_qwen2_5_vl(text: dict, *, device, dtype=torch.bfloat16, seed: int = 0
                            fullatt_block_indexes=[0]),
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
     )
-    with torch.random.fork_rng(devices=[]), torch.device(device):
+    dev = torch.device(device)
+    forked = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    # Fork (and restore) the generator the weights are drawn from: the CPU's, or this GPU's.
+    with torch.random.fork_rng(devices=forked), torch.device(device):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype)
     return model.eval()

@@ -202,8 +202,11 @@ def build_tiny_model(
         **ids,
     )
     seed = int(cfg.get("seed", 0) if seed is None else seed)
+    # The model is initialized on the CPU: seed only the CPU generator inside the fork.
+    # (torch.manual_seed would also re-seed every CUDA generator, which fork_rng(devices=[])
+    # does not restore: a GPU run's sampling would then follow this seed, not the run's.)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
     model = model.to(dtype).eval()
     model.generation_config.eos_token_id = [eos, pad]
