@@ -570,6 +570,19 @@ def test_fuse_chunked_matches_unchunked(device):
     assert torch.equal(a1, a2) and torch.equal(y1, y2)
 
 
+def test_fuse_ignores_autocast(device):
+    """fuse_tokens' similarity matmul stays in its documented precision inside an autocast
+    region (an autocast-cast bf16 bmm of fp32 rows would change assignments)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2400, 64, generator=gen).to(device)  # 9 assignments a bf16 matmul would flip
+    keep = (torch.rand(2400, generator=gen) < 0.5).to(device)
+    offsets = [0, 400, 800, 1200, 1600, 2000, 2400]
+    y1, a1 = fuse_tokens(x, keep, offsets)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        y2, a2 = fuse_tokens(x, keep, offsets)
+    assert torch.equal(a1, a2) and torch.equal(y1, y2) and y2.dtype == torch.float32
+
+
 def test_fuse_gradcheck(device):
     x, keep, offsets = random_fusion_case(device, torch.float64, num_images=4, d=5)
     x.requires_grad_()

@@ -35,6 +35,7 @@
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -115,6 +116,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_impl(const at::Tensor
                                                                 at::IntArrayRef token_offsets,
                                                                 at::IntArrayRef kept_counts,
                                                                 const RowKernels& k) {
+  // The similarity matmul runs in the dtype this op documents (fp32 scores from bf16/fp16/
+  // fp32 rows, fp64 for fp64), whatever autocast region the caller is in: an autocast-cast
+  // bf16 bmm of fp32 rows changed assignments.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_rows(x_in, kOp, "x");
   TORCH_CHECK_TYPE(keep.scalar_type() == at::kBool, "tsparse.", kOp,
                    ": `keep` must be bool, got ", keep.scalar_type());
