@@ -638,6 +638,58 @@ def test_fused_linear_bf16_and_fp32_accumulator(device):
         close(g, wr.grad, atol=0.05, rtol=0.05)
 
 
+def test_fused_linear_under_autocast_computes_in_the_region_dtype(device):
+    """In a bf16 autocast region with fp32 hidden / weight, both fused linear ops compute as
+    nn.Linear would there (bf16 logits) and equal the op called on bf16 inputs outside autocast,
+    values and gradients (carried back through the cast to fp32), including a backward run
+    outside the region; fp64 inputs are left alone."""
+    t, h, v = 40, 16, 300
+    hidden = torch.randn(t, h, device=device) * 0.5
+    weight = torch.randn(v, h, device=device) * 0.5
+    d = grpo_inputs(t, v, device)
+    args = (d["targets"], d["old"], d["adv"], d["mask"])
+    kw = dict(stream=d["stream"], stream_weights=[1.0, 0.5], entropy_coef=0.01, chunk_size=16)
+    dev = torch.device(device).type
+
+    hb, wb = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    want = fused_linear_grpo_loss(hb, wb, *args, **kw)
+    want.loss.backward()
+    hl, wl = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        got = fused_linear_grpo_loss(hl, wl, *args, **kw)
+        got.loss.backward()
+    assert hl.grad.dtype == torch.float32 and wl.grad.dtype == torch.float32
+    close(got.loss, want.loss, atol=0, rtol=0)
+    close(hl.grad, hb.grad.float(), atol=0, rtol=0)
+    close(wl.grad, wb.grad.float(), atol=0, rtol=0)
+
+    hb2, wb2 = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    lp_want, _ = fused_linear_logprobs(hb2, wb2, d["targets"], chunk_size=16, return_entropy=True)
+    lp_want.sum().backward()
+    hl2, wl2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        lp, _ = fused_linear_logprobs(hl2, wl2, d["targets"], chunk_size=16, return_entropy=True)
+    lp.sum().backward()  # outside the region: same dtype as the forward's statistics
+    close(lp, lp_want, atol=0, rtol=0)
+    close(hl2.grad, hb2.grad.float(), atol=0, rtol=0)
+    close(wl2.grad, wb2.grad.float(), atol=0, rtol=0)
+
+    # grpo_loss on logits: its [T]-sized aggregation is not recast by the region either.
+    logits = (hidden @ weight.t()).bfloat16()
+    plain = grpo_loss(logits, *args, stream=d["stream"], stream_weights=[1.0, 0.5], entropy_coef=0.01)
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        inside = grpo_loss(logits, *args, stream=d["stream"], stream_weights=[1.0, 0.5], entropy_coef=0.01)
+    close(inside.loss, plain.loss, atol=0, rtol=0)
+    for a, b in zip(inside.metrics, plain.metrics):
+        if a is not None or b is not None:
+            close(a, b, atol=0, rtol=0)
+
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        lp64, _ = fused_linear_logprobs(hidden.double(), weight.double(), d["targets"])
+    assert lp64.dtype == torch.float64
+    close(lp64, fused_linear_logprobs(hidden.double(), weight.double(), d["targets"])[0], atol=0, rtol=0)
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the largest tensor any op produces (every aten and tsparse op below autograd)."""
 

@@ -27,6 +27,7 @@ kernels (no host sync): a bad target aborts the kernel with a device-side error 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Union
@@ -113,6 +114,73 @@ def _grpo_token_terms_fake(logp, old_logp, advantages, ref_logp, is_weights, cli
 
 # --------------------------------------------------------------------------------------
 # Autograd.
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_inputs(hidden, weight):
+    """Inside an autocast region the logits are computed as ``nn.Linear`` would compute them
+    there: ``hidden`` and ``weight`` are cast to the region's dtype (fp64 is left alone, as
+    autocast leaves it); the op itself then runs with autocast off, in that one dtype, in
+    forward and backward alike (autograd carries the gradient back through the cast)."""
+    if not (isinstance(hidden, Tensor) and isinstance(weight, Tensor)):
+        return hidden, weight
+    dev = hidden.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return hidden, weight
+    dt = torch.get_autocast_dtype(dev)
+    cast = lambda x: x.to(dt) if x.dtype in _AUTOCAST_CASTS and x.dtype != dt else x  # noqa: E731
+    return cast(hidden), cast(weight)
+
+
+def _autocast_off(fn):
+    """Runs a fused-linear Function's forward / backward with autocast off (the device type is
+    taken from the forward's first tensor and kept on ``ctx`` for the backward), so the chunk
+    matmuls, the in-place ``out=`` products and the statistics all stay in one dtype."""
+
+    @functools.wraps(fn)
+    def wrapper(ctx, *args):
+        dev = getattr(ctx, "device_type", None)
+        if dev is None:
+            dev = ctx.device_type = args[0].device.type
+        if dev not in ("cpu", "cuda"):
+            return fn(ctx, *args)
+        with torch.autocast(dev, enabled=False):
+            return fn(ctx, *args)
+
+    return wrapper
+
+
+def _fixed_precision(*, cast_linear: bool = False):
+    """The GRPO ops compute in their documented precision (fp32 statistics from bf16 / fp16 /
+    fp32 inputs, fp64 for fp64) whatever autocast region they are called in: autocast is off
+    inside them, so neither their small [T]-sized matmuls nor the fused linear chunks are
+    recast. With ``cast_linear`` (the fused linear ops) ``hidden`` and ``weight`` are first
+    cast to the region's dtype (:func:`_autocast_inputs`), as the ``nn.Linear`` the op replaces
+    would compute its logits there."""
+
+    def deco(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            first = args[0] if args else kwargs.get("logits", kwargs.get("hidden"))
+            dev = first.device.type if isinstance(first, Tensor) else None
+            if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+                return fn(*args, **kwargs)
+            if cast_linear:
+                bound = sig.bind(*args, **kwargs)
+                a = bound.arguments
+                if "hidden" in a and "weight" in a:
+                    a["hidden"], a["weight"] = _autocast_inputs(a["hidden"], a["weight"])
+                args, kwargs = bound.args, bound.kwargs
+            with torch.autocast(dev, enabled=False):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return deco
+
+
 def _differentiable_once(backward):
     """Every backward here is differentiable once. With ``create_graph=True`` the gradients
     are correct and carry a node that raises if they are differentiated again, instead of the
@@ -299,6 +367,7 @@ def _logprobs_impl(logits, targets, temperature, with_entropy, inplace_backward)
 # --------------------------------------------------------------------------------------
 # logprobs
 @annotate("logprobs")
+@_fixed_precision()
 def logprobs(
     logits: Tensor,
     targets: Tensor,
@@ -682,6 +751,7 @@ def _with_loss_args(fn):
 
 @annotate("grpo_loss")
 @_with_loss_args
+@_fixed_precision()
 def grpo_loss(
     logits: Tensor,
     targets: Tensor,
@@ -796,6 +866,7 @@ def _accumulate_weight_grad(grad_w: Tensor, dlogits: Tensor, h: Tensor) -> None:
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk, accum_dtype):
         t = hidden.shape[0]
         acc = _acc_dtype(hidden.dtype)
@@ -815,6 +886,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @_autocast_off
     @_differentiable_once
     def backward(ctx, g_logp, g_ent):
         hidden, weight, targets, row_max, log_norm, entropy = ctx.saved_tensors
@@ -844,6 +916,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
 
 @annotate("fused_linear_logprobs")
+@_fixed_precision(cast_linear=True)
 def fused_linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -885,6 +958,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
     the stored gradients by the upstream scalar."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, hidden, weight, targets, temperature, chunk, accum_dtype, plan):
         t = hidden.shape[0]
         acc = plan.acc
@@ -930,6 +1004,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
         return loss, logp, ratio, kl, pg, flags, entropy
 
     @staticmethod
+    @_autocast_off
     @_differentiable_once
     def backward(ctx, g_loss, *_unused):
         if ctx.grads is None:
@@ -949,6 +1024,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
 
 @annotate("fused_linear_grpo_loss")
 @_with_loss_args
+@_fixed_precision(cast_linear=True)
 def fused_linear_grpo_loss(
     hidden: Tensor,
     weight: Tensor,
