@@ -22,6 +22,10 @@ out of range, on the CPU) naming the argument. On CUDA, target values are checke
 kernels (no host sync): a bad target aborts the kernel with a device-side error naming
 ``tsparse.logprobs``, like PyTorch's own indexing; stream and sequence ids are checked with
 ``torch._assert_async``. The CUDA context is unusable after such an error.
+
+Autocast: every op here computes in the precision above inside an autocast region too (autocast
+is off inside them). The fused linear ops first cast ``hidden`` and ``weight`` to the region's
+dtype, as the ``nn.Linear`` LM head they replace would compute its logits there.
 """
 
 from __future__ import annotations
