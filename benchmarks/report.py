@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cpu":
         _reexec_with_malloc_env(argv)
+    elif device.index is not None:
+        torch.cuda.set_device(device)  # the timers record on the current device's stream
     size = args.size or ("full" if device.type == "cuda" else "cpu")
     iters = args.iters or (20 if device.type == "cuda" else 5)
     COMPILE["enabled"] = device.type == "cuda" if args.compile is None else args.compile

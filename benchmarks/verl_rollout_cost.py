@@ -4,8 +4,9 @@ must use for box-pruned tokens; vLLM cannot take them - README, verl section).
     python -m benchmarks.verl_rollout_cost [--image-size 448] [--questions 4] [--new-tokens 32]
         [--repeats 7] [--json PATH]
 
-For a batch of synthetic scans (ViTAR-16K format) and the sparse stream's prompt, on the
-current device with the tiny random Qwen2.5-VL (or ``--model PATH``):
+For a batch of synthetic scans (ViTAR-16K format) and the sparse stream's prompt, on the CPU
+with the tiny random Qwen2.5-VL (or ``--model PATH``; the CPU only: it is the measurement the
+README quotes for this machine, and the GPU rollout cost is for the GPU session to measure):
 
 * ``dense``: HF ``generate`` on the full prompt (every visual token), exactly
   ``--new-tokens`` new tokens per sequence (EOS ignored, so both arms decode the same count);
