@@ -911,6 +911,44 @@ def test_inplace_backward_op_rejects_unwritable_logits(device):
         ops.logprobs_backward_(x[:1].expand(4, 6), tg, rm, ln, en, lp, None, 1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("alias", ["targets", "grad_logp", "row_max"])
+def test_inplace_backward_with_inputs_stored_in_the_logits(device, dtype, alias):
+    """Per-row inputs that live in the logits' own memory (raw op, adversarial caller) are
+    read before the rows are overwritten: the in-place result equals the out-of-place one
+    (the CPU kernel used to read overwritten targets and index outside the row)."""
+    t, v = 8, 64
+    base = torch.randn(t, v, device=device).to(dtype)
+    targets = torch.randint(0, v, (t,), device=device)
+    lp, rm, ln, en = ops.logprobs(base, targets, 1.0, False)
+    g = torch.randn(t, device=device, dtype=lp.dtype)
+    logits = base.clone()
+    flat = logits.view(-1)
+    raw = flat.view(torch.uint8)  # the logits' bytes: the first row holds the aliased input
+    if alias == "targets":
+        view = raw[: 8 * t].view(torch.int64)
+        view.copy_(targets)
+        targets_in, g_in, rm_in = view, g, rm
+    else:
+        vec = raw[: lp.element_size() * t].view(lp.dtype)
+        vec.copy_(g if alias == "grad_logp" else rm)
+        targets_in = targets
+        g_in, rm_in = (vec, rm) if alias == "grad_logp" else (g, vec)
+    snapshot = logits.clone()  # the logits as the op sees them (the first row holds the alias)
+    want = ops.logprobs_backward(snapshot, targets, rm, ln, en, g, None, 1.0)
+    ops.logprobs_backward_(logits, targets_in, rm_in, ln, en, g_in, None, 1.0)
+    torch.testing.assert_close(logits, want, atol=0, rtol=0)
+
+
+def test_temperature_whose_inverse_overflows_is_rejected(device):
+    x = torch.randn(2, 5, device=device)
+    tg = torch.tensor([0, 1], device=device)
+    with pytest.raises(ValueError, match="`temperature`"):
+        ops.logprobs(x, tg, 1e-39, False)
+    lp = ops.logprobs(x.double(), tg, 1e-39, False)[0]  # fine in fp64
+    assert torch.isfinite(lp).all()
+
+
 # ======================================================================================
 # torch.library.opcheck on every op (schema, fake kernel, autograd registration, AOT)
 def test_opcheck_grpo_ops(device):

@@ -130,6 +130,16 @@ def test_inconsistent_cu_seqlens_raise_on_cpu(cu):
         torch.ops.tsparse.varlen_pack(mask, None, torch.tensor(cu, dtype=torch.int32), cu[-1], None, None)
 
 
+@pytest.mark.parametrize("inverse", [[1, 0, -1, -1], [0, 1, 1, -1], [-1, 0, -1, -1], [0, 1, 2, -1]])
+def test_varlen_gather_rejects_an_inverse_that_does_not_invert_indices(inverse):
+    # The backward scatters by `inverse`: a wrong one would silently misplace gradients.
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="inverse"):
+        torch.ops.tsparse.varlen_gather(x, torch.tensor([0, 1]), torch.tensor(inverse, dtype=torch.int32))
+    y = torch.ops.tsparse.varlen_gather(x, torch.tensor([2, 0]), torch.tensor([1, -1, 0, -1], dtype=torch.int32))
+    assert torch.equal(y, x[[2, 0]])
+
+
 def test_pack_gradcheck(device):
     mask = random_mask(3, 7, "mixed").to(device)
     keep = random_keep(mask.cpu()).to(device)

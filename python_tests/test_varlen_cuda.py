@@ -81,3 +81,14 @@ def test_inconsistent_cu_seqlens_are_a_device_error(cu):
         torch.cuda.synchronize()
     """)], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "cu_seqlens" in r.stdout + r.stderr
+
+
+def test_wrong_inverse_is_a_device_error():
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import torch, tsparse
+        x = torch.randn(4, 2, device="cuda")
+        inv = torch.tensor([1, 0, -1, -1], dtype=torch.int32, device="cuda")
+        torch.ops.tsparse.varlen_gather(x, torch.tensor([0, 1], device="cuda"), inv)
+        torch.cuda.synchronize()
+    """)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "inverse" in r.stdout + r.stderr

@@ -583,6 +583,12 @@ def test_fuse_ignores_autocast(device):
     assert torch.equal(a1, a2) and torch.equal(y1, y2) and y2.dtype == torch.float32
 
 
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf")])
+def test_row_inv_norms_rejects_bad_eps(device, eps):
+    with pytest.raises(ValueError, match="`eps`"):
+        torch.ops.tsparse.row_inv_norms(torch.randn(3, 4, device=device), eps)
+
+
 def test_fuse_gradcheck(device):
     x, keep, offsets = random_fusion_case(device, torch.float64, num_images=4, d=5)
     x.requires_grad_()

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -24,8 +25,13 @@ inline void check_rows(const at::Tensor& t, const char* op, const char* arg, boo
                    "` must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 2, "tsparse.", op, ": `", arg,
                     "` must be 2-D [rows, D], got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.size(1) * t.element_size() < (int64_t(1) << 31), "tsparse.", op, ": `",
+  TORCH_CHECK_VALUE(t.size(1) < (int64_t(1) << 31) / t.element_size(), "tsparse.", op, ": `",
                     arg, "` rows of ", t.size(1), " elements are too wide (2 GiB per row at most)");
+}
+
+inline void check_eps(double eps, const char* op) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, "tsparse.", op,
+                    ": `eps` must be a finite number > 0, got ", eps);
 }
 
 inline void check_index_tensor(const at::Tensor& t, const char* op, const char* arg) {

@@ -24,9 +24,16 @@ inline c10::ScalarType logprobs_acc_type(c10::ScalarType t) {
   return t == c10::kDouble ? c10::kDouble : c10::kFloat;
 }
 
-inline void check_temperature(double temperature, const char* op) {
+// The kernels scale by 1 / temperature in the accumulator type: it must be finite there (a
+// float32 accumulator overflows below ~2.9e-39).
+inline void check_temperature(double temperature, const char* op, c10::ScalarType logits_type) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, "tsparse.", op,
                     ": `temperature` must be a finite number > 0, got ", temperature);
+  const double inv_max = logits_type == c10::kDouble ? double(std::numeric_limits<double>::max())
+                                                     : double(std::numeric_limits<float>::max());
+  TORCH_CHECK_VALUE(1.0 / temperature <= inv_max, "tsparse.", op, ": `temperature` = ",
+                    temperature, " is too small: 1 / temperature overflows the ",
+                    logits_type == c10::kDouble ? "float64" : "float32", " accumulator");
 }
 
 inline void check_logits(const at::Tensor& logits, const char* op) {
@@ -37,7 +44,7 @@ inline void check_logits(const at::Tensor& logits, const char* op) {
                     logits.sizes());
   TORCH_CHECK_VALUE(logits.size(1) >= 1, "tsparse.", op,
                     ": `logits` must have at least one column (V >= 1), got shape ", logits.sizes());
-  TORCH_CHECK_VALUE(logits.size(1) * logits.element_size() < (int64_t(1) << 31), "tsparse.", op,
+  TORCH_CHECK_VALUE(logits.size(1) < (int64_t(1) << 31) / logits.element_size(), "tsparse.", op,
                     ": `logits` rows of ", logits.size(1),
                     " elements are too wide (2 GiB per row at most)");
   check_int32_rows(logits.size(0), op, "logits");
@@ -102,7 +109,7 @@ inline LogprobsBwdPrep prep_logprobs_backward(const at::Tensor& logits, const at
                                               const c10::optional<at::Tensor>& grad_entropy,
                                               double temperature, const char* op) {
   check_logits(logits, op);
-  check_temperature(temperature, op);
+  check_temperature(temperature, op, logits.scalar_type());
   const int64_t n = logits.size(0);
   const c10::ScalarType acc = logprobs_acc_type(logits.scalar_type());
   LogprobsBwdPrep p;
@@ -118,6 +125,15 @@ inline LogprobsBwdPrep prep_logprobs_backward(const at::Tensor& logits, const at
     p.entropy = prep_vector(entropy, n, acc, logits, op, "entropy", "logits");
   }
   return p;
+}
+
+// The in-place backward overwrites `logits` row by row while later rows still read the per-row
+// inputs: any of them that shares storage with `logits` (e.g. `targets` passed as a view of
+// the logits' memory) is copied first, or it would be overwritten before it is read.
+inline void unalias_from_logits(LogprobsBwdPrep& p, const at::Tensor& logits) {
+  for (at::Tensor* t : {&p.targets, &p.row_max, &p.log_norm, &p.entropy, &p.grad_logp, &p.grad_entropy}) {
+    if (t->defined() && t->is_alias_of(logits)) *t = t->clone();
+  }
 }
 
 // ---- per-token GRPO terms -------------------------------------------------------------------

@@ -244,6 +244,10 @@ void backward_into(const LogprobsBwdPrep& p, void* out_ptr, int64_t out_stride, 
         g.log_norm = lnorm[r];
         g.mu = g.g_ent != acc_t(0) ? g.log_norm - ent[r] : acc_t(0);
         const scalar_t* x = in + r * in_stride;
+        // Checked again where it indexes (as the CUDA kernel does): never an access outside
+        // the row, whatever happened to the targets since the range check.
+        TORCH_CHECK_INDEX(tg[r] >= 0 && tg[r] < cols, "tsparse.logprobs_backward: `targets[", r,
+                          "]` = ", tg[r], " is out of range [0, ", cols, ")");
         row_grad<scalar_t>(x, o, cols, tg[r], g);
       }
     });
@@ -259,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_cpu(const at
                                                                        bool with_entropy) {
   constexpr const char* op = "logprobs";
   check_logits(logits_in, op);
-  check_temperature(temperature, op);
+  check_temperature(temperature, op, logits_in.scalar_type());
   const at::Tensor logits = logits_rows(logits_in);
   const at::Tensor targets = prep_targets(targets_in, logits, op);
   const int64_t rows = logits.size(0);
@@ -315,8 +319,9 @@ void logprobs_backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& t
                                    const c10::optional<at::Tensor>& grad_entropy, double temperature) {
   constexpr const char* op = "logprobs_backward_";
   check_inplace_logits(logits, op);
-  const LogprobsBwdPrep p = prep_logprobs_backward(logits, targets, row_max, log_norm, entropy,
-                                                   grad_logp, grad_entropy, temperature, op);
+  LogprobsBwdPrep p = prep_logprobs_backward(logits, targets, row_max, log_norm, entropy,
+                                             grad_logp, grad_entropy, temperature, op);
+  unalias_from_logits(p, logits);
   check_targets_in_range(p.targets, p.logits.size(1), op);
   backward_into(p, logits.data_ptr(), row_stride(logits), temperature);
 }

@@ -117,9 +117,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_pa
 }
 
 at::Tensor varlen_gather_cpu(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& inverse) {
-  TORCH_CHECK_VALUE(inverse.dim() == 1 && inverse.scalar_type() == at::kInt && inverse.size(0) == x.size(0),
-                    "tsparse.", kPackOp, ": `inverse` must be int32 [B * L] = [", x.size(0), "]");
-  return std::get<0>(gather_rows_cpu(x, indices, /*build_inverse=*/false));
+  at::Tensor y = std::get<0>(gather_rows_cpu(x, indices, /*build_inverse=*/false));  // checks indices
+  check_varlen_inverse(x, indices, inverse);
+  return y;
 }
 
 TORCH_LIBRARY_IMPL(tsparse, CPU, m) {

@@ -258,6 +258,7 @@ at::Tensor segment_reduce_rows_cpu(const at::Tensor& src_in, const at::Tensor& p
 at::Tensor row_inv_norms_cpu(const at::Tensor& x_in, double eps) {
   constexpr const char* op = "row_inv_norms";
   check_rows(x_in, op, "x");
+  check_eps(eps, op);
   const at::Tensor x = rows_view(x_in);
   const int64_t rows = x.size(0), cols = x.size(1);
   at::Tensor out = at::empty({rows}, x.options().dtype(at::kFloat));

@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_cuda(const a
                                                                         bool with_entropy) {
   constexpr const char* op = "logprobs";
   check_logits(logits_in, op);
-  check_temperature(temperature, op);
+  check_temperature(temperature, op, logits_in.scalar_type());
   check_cuda(logits_in, op, "logits");
   c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_rows(logits_in);
@@ -101,8 +101,9 @@ void logprobs_backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& 
   check_cuda(logits, op, "logits");
   check_inplace_logits(logits, op);
   c10::cuda::CUDAGuard guard(logits.device());
-  const LogprobsBwdPrep p = prep_logprobs_backward(logits, targets, row_max, log_norm, entropy,
-                                                   grad_logp, grad_entropy, temperature, op);
+  LogprobsBwdPrep p = prep_logprobs_backward(logits, targets, row_max, log_norm, entropy,
+                                             grad_logp, grad_entropy, temperature, op);
+  unalias_from_logits(p, logits);  // rows are written while other CTAs still read these
   launch_backward(p, logits.data_ptr(), row_stride(logits), temperature);
 }
 

@@ -165,6 +165,7 @@ at::Tensor segment_reduce_rows_cuda(const at::Tensor& src_in, const at::Tensor& 
 at::Tensor row_inv_norms_cuda(const at::Tensor& x_in, double eps) {
   check_rows(x_in, "row_inv_norms", "x");
   check_cuda(x_in, "row_inv_norms", "x");
+  check_eps(eps, "row_inv_norms");
   const at::Tensor x = rows_view(x_in);
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kFloat));

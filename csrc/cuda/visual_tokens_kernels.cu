@@ -228,7 +228,9 @@ segment_reduce_kernel(T* __restrict__ out, int64_t out_rows, int64_t cols,
   for (int64_t r = g.first(); r < out_rows; r += g.stride()) {
     const int64_t beg = offsets[r];
     const int64_t end = offsets[r + 1];
-    if (beg < 0 || end > perm_len) fail_out_of_range(OpTag::kInternal, beg < 0 ? beg : end, perm_len + 1);
+    if (beg < 0 || end > perm_len || end < beg) {  // the CPU rejects decreasing offsets too
+      fail_out_of_range(OpTag::kInternal, beg < 0 ? beg : end, perm_len + 1);
+    }
     const A inv_n = (mean && end > beg) ? A(1) / static_cast<A>(end - beg) : A(1);
     T* dst = out + r * cols;
     for (int v = lane; v < vecs; v += lanes) {
