@@ -91,4 +91,7 @@ def test_wrong_inverse_is_a_device_error():
         torch.ops.tsparse.varlen_gather(x, torch.tensor([0, 1], device="cuda"), inv)
         torch.cuda.synchronize()
     """)], capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "inverse" in r.stdout + r.stderr
+    # torch._assert_async: the message reaches stderr where the torch build forwards it to the
+    # device assert (2.14 does); otherwise CUDA's "device-side assert triggered".
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and ("inverse" in out or "device-side assert" in out), out[-2000:]

@@ -6,10 +6,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <limits>
 
 namespace tsparse {
@@ -27,6 +29,17 @@ inline void check_rows(const at::Tensor& t, const char* op, const char* arg, boo
                     "` must be 2-D [rows, D], got shape ", t.sizes());
   TORCH_CHECK_VALUE(t.size(1) < (int64_t(1) << 31) / t.element_size(), "tsparse.", op, ": `",
                     arg, "` rows of ", t.size(1), " elements are too wide (2 GiB per row at most)");
+}
+
+// A check whose verdict `ok` (a bool scalar) was computed on the inputs' device: eager on the CPU
+// (a ValueError), an asynchronous device assert on CUDA (no host sync; the error surfaces at the
+// next synchronization and leaves the CUDA context unusable, like PyTorch's own index checks).
+inline void check_on_device(const at::Tensor& ok, const char* op, const std::string& what) {
+  if (ok.device().is_cpu()) {
+    TORCH_CHECK_VALUE(ok.item<bool>(), "tsparse.", op, ": ", what);
+  } else {
+    at::_assert_async(ok, std::string("tsparse.") + op + ": " + what);
+  }
 }
 
 inline void check_eps(double eps, const char* op) {

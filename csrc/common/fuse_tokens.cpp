@@ -16,7 +16,6 @@
 // argmax and is not computed.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/argmax.h>
 #include <ATen/ops/bmm.h>
@@ -99,14 +98,8 @@ void check_counts_match(const at::Tensor& keep, at::IntArrayRef token_offsets,
   const at::Tensor actual = csum.index_select(0, offs.slice(0, 1)) -
                             csum.index_select(0, offs.slice(0, 0, num_images));
   const at::Tensor given = to_device_longs(kept_counts.vec(), 1, keep.device()).reshape({-1});
-  const at::Tensor ok = actual.eq(given).all();
-  if (keep.device().is_cpu()) {
-    TORCH_CHECK_VALUE(ok.item<bool>(), "tsparse.", kOp,
-                      ": `kept_counts` does not match the number of kept tokens of `keep` in "
-                      "each image");
-  } else {
-    at::_assert_async(ok, "tsparse.fuse_tokens: `kept_counts` does not match `keep`");
-  }
+  check_on_device(actual.eq(given).all(), kOp,
+                  "`kept_counts` does not match the number of kept tokens of `keep` in each image");
 }
 
 }  // namespace

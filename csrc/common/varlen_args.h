@@ -2,7 +2,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/index_select.h>
 #include <c10/util/Exception.h>
@@ -100,8 +99,7 @@ inline VarlenPackPrep prep_varlen_pack(const at::Tensor& attention_mask,
 // varlen_gather's `inverse` ([N] int32: packed row of each input row, -1 if dropped) is what its
 // backward scatters by, so it must be exactly the inverse of `indices` ([M], already range-checked
 // by the gather): inverse[indices[p]] == p for every p, and no other entry >= 0. Checked without
-// a host sync on CUDA (an asynchronous device assert), eagerly on the CPU. A few [N]/[M] int32
-// passes, next to the [M, D] gather.
+// a host sync on CUDA (check_on_device). A few [N]/[M] int32 passes, next to the [M, D] gather.
 inline void check_varlen_inverse(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& inverse) {
   TORCH_CHECK_VALUE(inverse.dim() == 1 && inverse.scalar_type() == at::kInt && inverse.size(0) == x.size(0),
                     "tsparse.", kPackOp, ": `inverse` must be int32 [B * L] = [", x.size(0), "]");
@@ -110,13 +108,9 @@ inline void check_varlen_inverse(const at::Tensor& x, const at::Tensor& indices,
   const at::Tensor back = inverse.index_select(0, indices.to(at::kLong));
   const at::Tensor ok = back.eq(at::arange(m, inverse.options())).all().logical_and(
       inverse.ge(0).sum().eq(m));
-  if (x.device().is_cpu()) {
-    TORCH_CHECK_VALUE(ok.item<bool>(), "tsparse.", kPackOp,
-                      ": `inverse` is not the inverse map of `indices` (inverse[indices[p]] must be p, "
-                      "every other entry -1)");
-  } else {
-    at::_assert_async(ok, "tsparse.pack_varlen: `inverse` is not the inverse map of `indices`");
-  }
+  check_on_device(ok, kPackOp,
+                  "`inverse` is not the inverse map of `indices` (inverse[indices[p]] must be p, "
+                  "every other entry -1)");
 }
 
 }  // namespace tsparse
