@@ -80,7 +80,7 @@ __device__ __forceinline__ RowSplit split_row(const void* row, int cols) {
 
 __device__ __noinline__ void fail_target(long long row, long long value, long long cols) {
   printf("tsparse.logprobs: `targets[%lld]` = %lld is out of range [0, %lld)\n", row, value, cols);
-  __trap();
+  TSPARSE_DEVICE_FAIL("tsparse.logprobs: a `targets` value is out of range");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <type_traits>
 
+#include "tsparse/cuda_common.cuh"
 #include "tsparse/varlen.h"
 
 namespace tsparse {
@@ -20,13 +21,13 @@ constexpr int kWarps = kRowThreads / 32;
 
 __device__ __noinline__ void fail_total(long long have, long long want) {
   printf("tsparse.pack_varlen: `total` = %lld but the masks keep %lld tokens\n", want, have);
-  __trap();
+  TSPARSE_DEVICE_FAIL("tsparse.pack_varlen: `total` does not match the masks");
 }
 
 __device__ __noinline__ void fail_cu(long long row, long long begin, long long end, long long total) {
   printf("tsparse.pack_varlen: `cu_seqlens` does not match the masks at row %lld "
          "([%lld, %lld) of %lld packed tokens)\n", row, begin, end, total);
-  __trap();
+  TSPARSE_DEVICE_FAIL("tsparse.pack_varlen: `cu_seqlens` does not match the masks");
 }
 
 template <typename M>

@@ -61,13 +61,22 @@ __device__ const char* op_name(OpTag op) {
 
 __device__ __noinline__ void fail_out_of_range(OpTag op, long long value, long long bound) {
   printf("tsparse.%s: `index` value %lld is out of range [0, %lld)\n", op_name(op), value, bound);
-  __trap();
+  switch (op) {
+    case OpTag::kGatherTokens: TSPARSE_DEVICE_FAIL("tsparse.gather_tokens: an `index` value is out of range"); break;
+    case OpTag::kScatterTokens: TSPARSE_DEVICE_FAIL("tsparse.scatter_tokens: an `index` value is out of range"); break;
+    case OpTag::kFuseTokens: TSPARSE_DEVICE_FAIL("tsparse.fuse_tokens: an index is out of range"); break;
+    default: TSPARSE_DEVICE_FAIL("tsparse (internal row op): an index or offset is out of range");
+  }
 }
 
 __device__ __noinline__ void fail_duplicate(OpTag op, long long value) {
   printf("tsparse.%s: `index` holds %lld more than once, but unique indices were promised\n",
          op_name(op), value);
-  __trap();
+  switch (op) {
+    case OpTag::kGatherTokens: TSPARSE_DEVICE_FAIL("tsparse.gather_tokens: `index` holds a value more than once, but unique indices were promised"); break;
+    case OpTag::kScatterTokens: TSPARSE_DEVICE_FAIL("tsparse.scatter_tokens: `index` holds a value more than once"); break;
+    default: TSPARSE_DEVICE_FAIL("tsparse (internal row op): an index occurs more than once");
+  }
 }
 
 struct RowGroups {

@@ -7,6 +7,7 @@
 #include <cuda_runtime_api.h>
 
 #include <atomic>
+#include <cassert>  // __assert_fail, declared for device code by CUDA's crt headers
 
 namespace tsparse {
 namespace cuda {
@@ -31,6 +32,19 @@ inline int num_sms() {
 }
 
 #if defined(__CUDACC__)
+// Ends the kernel on a broken contract (an index out of range, a wrong `total`, ...) with a
+// device-side assertion whose message is `what`, a string literal naming the op and the fault.
+// Details printed with printf just before may be lost when a kernel aborts; the assertion's
+// own message is not: CUDA prints it, and the launch fails with cudaErrorAssert ("device-side
+// assert triggered"; the CUDA context is then unusable, as after PyTorch's CUDA_KERNEL_ASSERT).
+// Called directly, so NDEBUG does not remove it; the trap after it guarantees the thread never
+// goes on to the access the check protected.
+#define TSPARSE_DEVICE_FAIL(what)                          \
+  do {                                                     \
+    __assert_fail(what, __FILE__, __LINE__, __func__);     \
+    __trap();                                              \
+  } while (0)
+
 template <typename T> struct Elem;
 template <> struct Elem<float> {
   using Acc = float;

@@ -22,7 +22,7 @@ namespace cuda {
 //   logp[r]     = log softmax(z)[targets[r]]
 //   row_max[r]  = max_j z_j,   log_norm[r] = log sum_j exp(z_j - row_max[r])
 //   entropy[r]  = -sum_j p_j log p_j   (skipped when `entropy` is null)
-// targets outside [0, cols) abort the kernel (device trap naming the op).
+// targets outside [0, cols) abort the kernel (a device-side assert naming the op).
 struct LogprobsFwdArgs {
   const void* logits = nullptr;  // [rows, cols] of `dtype`; inner dim contiguous
   int64_t rows = 0;

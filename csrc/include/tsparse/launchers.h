@@ -17,8 +17,8 @@ namespace cuda {
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // Which public op a kernel runs for: only used to name the op in device-side error
-// messages (out-of-range or duplicate indices abort the kernel with __trap(), like
-// PyTorch's own device-side index asserts; see tsparse/ops/visual_tokens.py).
+// messages (out-of-range or duplicate indices abort the kernel with a device-side assert,
+// TSPARSE_DEVICE_FAIL, like PyTorch's own index asserts; see tsparse/ops/visual_tokens.py).
 enum class OpTag : int32_t {
   kGatherTokens = 0,
   kScatterTokens = 1,
