@@ -53,7 +53,11 @@ __all__ = [
     "sparse_generate",
     "boxes_to_tensors",
     "repeat_samples",
+    "take_samples",
 ]
+
+# The processor-batch keys take_samples / repeat_samples carry (plus ``texts``).
+_BATCH_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
 @dataclass
@@ -575,6 +579,77 @@ def sparse_generate(model, sparse: SparseInputs, **generate_kwargs) -> Tensor:
     return out.sequences if hasattr(out, "sequences") else out
 
 
+def take_samples(
+    batch: dict,
+    index: Sequence[int],
+    *,
+    image_token_id: int,
+    merge_size: int = 2,
+    image_embeds: Optional[Tensor] = None,
+) -> dict:
+    """Rows ``index`` of a processor batch (any order, repeats allowed), each with its images.
+
+    Returns the same keys as ``batch`` (``input_ids``, ``attention_mask``,
+    ``mm_token_type_ids``, ``pixel_values``, ``image_grid_thw``; ``texts`` when present)
+    plus ``image_embeds`` when given (``[N, D]`` features of ``batch``'s images, taken the
+    same way; differentiable). Columns are not re-padded (a column of padding in every taken
+    row stays). Raises ``ValueError`` for an unknown key or an index out of range.
+    """
+    unknown = sorted(set(batch) - set(_BATCH_KEYS) - {"texts"})
+    if unknown:
+        raise ValueError(f"`batch`: unknown key(s) {unknown}; allowed: {sorted(_BATCH_KEYS + ('texts',))}")
+    ids = batch["input_ids"]
+    n = ids.shape[0]
+    index = [int(i) for i in index]
+    if any(i < 0 or i >= n for i in index):
+        raise ValueError(f"`index` must hold rows in [0, {n}), got {index}")
+    rows = torch.tensor(index, dtype=torch.int64)
+    out: dict = {}
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in batch:
+            out[key] = batch[key][rows.to(batch[key].device)]
+    if "texts" in batch:
+        out["texts"] = [batch["texts"][i] for i in index]
+    grid = batch.get("image_grid_thw")
+    if grid is None:
+        if image_embeds is not None and image_embeds.shape[0]:
+            raise ValueError("`batch` has no image_grid_thw to split `image_embeds` by sample")
+        return out
+    grid_cpu = grid.to("cpu", torch.int64)
+    mask = batch.get("attention_mask")
+    real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    counts = (grid_cpu.prod(-1) // (merge_size * merge_size)).tolist()
+    owner = _image_samples(((ids == image_token_id) & real).cpu(), counts)
+    patches = grid_cpu.prod(-1).tolist()
+
+    def spans(sizes: list[int]) -> list[tuple[int, int]]:
+        starts = [0] * n
+        ends = [0] * n
+        pos = 0
+        first = [True] * n
+        for size, o in zip(sizes, owner):
+            if first[o]:
+                starts[o] = pos
+                first[o] = False
+            pos += size
+            ends[o] = pos
+        return list(zip(starts, ends))
+
+    def take(x: Tensor, sizes: list[int]) -> Tensor:
+        sp = spans(sizes)
+        parts = [x[sp[i][0]:sp[i][1]] for i in index]
+        return torch.cat(parts) if parts else x[:0]
+
+    out["image_grid_thw"] = take(grid, [1] * len(owner))
+    if "pixel_values" in batch:
+        out["pixel_values"] = take(batch["pixel_values"], patches)
+    if image_embeds is not None:
+        if image_embeds.dim() != 2 or image_embeds.shape[0] != sum(counts):
+            raise ValueError(f"`image_embeds` must be [N, D] with N = {sum(counts)}, got {tuple(image_embeds.shape)}")
+        out["image_embeds"] = take(image_embeds, counts)
+    return out
+
+
 def repeat_samples(
     batch: dict,
     repeats: int,
@@ -601,45 +676,10 @@ def repeat_samples(
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"`repeats` must be a positive int, got {repeats!r}")
-    known = {"input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "pixel_values", "texts"}
-    unknown = sorted(set(batch) - known)
-    if unknown:
-        raise ValueError(f"`batch`: unknown key(s) {unknown}; allowed: {sorted(known)}")
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    out: dict = {}
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        if key in batch:
-            out[key] = batch[key].repeat_interleave(repeats, dim=0)
-    if "texts" in batch:
-        out["texts"] = [t for t in batch["texts"] for _ in range(repeats)]
-    grid = batch.get("image_grid_thw")
-    if grid is None:
-        if image_embeds is not None or "pixel_values" in batch:
-            raise ValueError("`batch` has no image_grid_thw to split the images by sample")
-        return out
-    grid_cpu = grid.to("cpu", torch.int64)
-    real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-    counts = (grid_cpu.prod(-1) // (merge_size * merge_size)).tolist()
-    owner = _image_samples(((ids == image_token_id) & real).cpu(), counts)
-    patches = grid_cpu.prod(-1).tolist()
+    if batch.get("image_grid_thw") is None and (image_embeds is not None or "pixel_values" in batch):
+        raise ValueError("`batch` has no image_grid_thw to split the images by sample")
+    index = [b for b in range(batch["input_ids"].shape[0]) for _ in range(repeats)]
+    return take_samples(batch, index, image_token_id=image_token_id, merge_size=merge_size,
+                        image_embeds=image_embeds)
 
-    def per_sample(rows_per_image: list[int], b: int) -> tuple[int, int]:
-        start = sum(r for r, o in zip(rows_per_image, owner) if o < b)
-        return start, start + sum(r for r, o in zip(rows_per_image, owner) if o == b)
 
-    def repeat_rows(x: Tensor, rows_per_image: list[int]) -> Tensor:
-        parts = []
-        for b in range(ids.shape[0]):
-            lo, hi = per_sample(rows_per_image, b)
-            parts += [x[lo:hi]] * repeats
-        return torch.cat(parts) if parts else x[:0]
-
-    out["image_grid_thw"] = repeat_rows(grid, [1] * len(owner))
-    if "pixel_values" in batch:
-        out["pixel_values"] = repeat_rows(batch["pixel_values"], patches)
-    if image_embeds is not None:
-        if image_embeds.dim() != 2 or image_embeds.shape[0] != sum(counts):
-            raise ValueError(f"`image_embeds` must be [N, D] with N = {sum(counts)}, got {tuple(image_embeds.shape)}")
-        out["image_embeds"] = repeat_rows(image_embeds, counts)
-    return out

@@ -33,7 +33,7 @@ from torch import Tensor
 from .._nvtx import nvtx_range
 from .config import PruningConfig, StreamPrompt
 from .format import parse_boxes
-from .pruning import SparseInputs, _base_model, _image_samples, image_features, sparse_stream_inputs
+from .pruning import _BATCH_KEYS, SparseInputs, _base_model, image_features, sparse_stream_inputs, take_samples
 
 __all__ = [
     "FULL_IMAGE",
@@ -55,7 +55,6 @@ __all__ = [
 
 #: A box covering the whole image: pruning to it (without fusion) is the identity.
 FULL_IMAGE = ((0.0, 0.0, 1.0, 1.0),)
-_BATCH_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
 # --------------------------------------------------------------------------------------
@@ -193,77 +192,6 @@ def batch_image_features(model, batch: dict) -> Tensor:
     if batch.get("pixel_values") is None:
         return embed.weight.new_zeros((0, embed.weight.shape[1]))
     return image_features(model, batch["pixel_values"], batch["image_grid_thw"]).to(embed.weight.dtype)
-
-
-def take_samples(
-    batch: dict,
-    index: Sequence[int],
-    *,
-    image_token_id: int,
-    merge_size: int = 2,
-    image_embeds: Optional[Tensor] = None,
-) -> dict:
-    """Rows ``index`` of a processor batch (any order, repeats allowed), each with its images.
-
-    Returns the same keys as ``batch`` (``input_ids``, ``attention_mask``,
-    ``mm_token_type_ids``, ``pixel_values``, ``image_grid_thw``; ``texts`` when present)
-    plus ``image_embeds`` when given (``[N, D]`` features of ``batch``'s images, taken the
-    same way; differentiable). Columns are not re-padded (a column of padding in every taken
-    row stays). Raises ``ValueError`` for an unknown key or an index out of range.
-    """
-    unknown = sorted(set(batch) - set(_BATCH_KEYS) - {"texts"})
-    if unknown:
-        raise ValueError(f"`batch`: unknown key(s) {unknown}; allowed: {sorted(_BATCH_KEYS + ('texts',))}")
-    ids = batch["input_ids"]
-    n = ids.shape[0]
-    index = [int(i) for i in index]
-    if any(i < 0 or i >= n for i in index):
-        raise ValueError(f"`index` must hold rows in [0, {n}), got {index}")
-    rows = torch.tensor(index, dtype=torch.int64)
-    out: dict = {}
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        if key in batch:
-            out[key] = batch[key][rows.to(batch[key].device)]
-    if "texts" in batch:
-        out["texts"] = [batch["texts"][i] for i in index]
-    grid = batch.get("image_grid_thw")
-    if grid is None:
-        if image_embeds is not None and image_embeds.shape[0]:
-            raise ValueError("`batch` has no image_grid_thw to split `image_embeds` by sample")
-        return out
-    grid_cpu = grid.to("cpu", torch.int64)
-    mask = batch.get("attention_mask")
-    real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-    counts = (grid_cpu.prod(-1) // (merge_size * merge_size)).tolist()
-    owner = _image_samples(((ids == image_token_id) & real).cpu(), counts)
-    patches = grid_cpu.prod(-1).tolist()
-
-    def spans(sizes: list[int]) -> list[tuple[int, int]]:
-        starts = [0] * n
-        ends = [0] * n
-        pos = 0
-        first = [True] * n
-        for size, o in zip(sizes, owner):
-            if first[o]:
-                starts[o] = pos
-                first[o] = False
-            pos += size
-            ends[o] = pos
-        return list(zip(starts, ends))
-
-    def take(x: Tensor, sizes: list[int]) -> Tensor:
-        sp = spans(sizes)
-        parts = [x[sp[i][0]:sp[i][1]] for i in index]
-        return torch.cat(parts) if parts else x[:0]
-
-    out["image_grid_thw"] = take(grid, [1] * len(owner))
-    if "pixel_values" in batch:
-        out["pixel_values"] = take(batch["pixel_values"], patches)
-    if image_embeds is not None:
-        if image_embeds.dim() != 2 or image_embeds.shape[0] != sum(counts):
-            raise ValueError(f"`image_embeds` must be [N, D] with N = {sum(counts)}, got {tuple(image_embeds.shape)}")
-        out["image_embeds"] = take(image_embeds, counts)
-    return out
 
 
 def dense_stream_inputs(model, batch: dict, *, image_embeds: Tensor) -> SparseInputs:
