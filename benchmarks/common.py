@@ -24,6 +24,28 @@ from typing import Callable, Optional
 import torch
 
 # --------------------------------------------------------------------------------------
+# pytest-benchmark helpers (benchmarks/test_bench_*.py)
+BENCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    """Waits for the GPU's queued work (nothing on the CPU), so a timed call includes it."""
+    if BENCH_DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def synced(fn: Callable) -> Callable:
+    """``fn`` followed by :func:`sync`: what pytest-benchmark should time."""
+
+    def wrapped():
+        out = fn()
+        sync()
+        return out
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------------------
 # Timing
 
 

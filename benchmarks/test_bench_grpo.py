@@ -14,27 +14,14 @@ from tsparse import reference as ref
 from tsparse.ops import fused_linear_grpo_loss, grpo_loss, logprobs
 
 from .bench_grpo import make_inputs
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+from .common import BENCH_DEVICE as DEVICE
+from .common import sync as _sync
+from .common import synced as _run
 
 
 @pytest.fixture(scope="module")
 def inputs():
     return make_inputs(DEVICE, 128, 152064)
-
-
-def _run(fn):
-    def wrapped():
-        out = fn()
-        _sync()
-        return out
-
-    return wrapped
 
 
 @pytest.mark.benchmark(group="logprobs fwd")

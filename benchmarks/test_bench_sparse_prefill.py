@@ -10,8 +10,8 @@ import torch
 from tsparse.dualstream.pruning import sparse_stream_inputs
 
 from .bench_sparse_prefill import box_for_ratio, build_case
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from .common import BENCH_DEVICE as DEVICE
+from .common import sync
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,7 @@ def _prefill(model, inputs):
     def fn():
         with torch.no_grad():
             out = model(**inputs, use_cache=True, logits_to_keep=1)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
+        sync()
         return out
 
     return fn

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tsparse import reference as ref
 from tsparse.ops import pack_batch, pack_varlen, unpack_varlen
 
 from .bench_varlen import _verl_style_pack, make_batch
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from .common import BENCH_DEVICE as DEVICE
+from .common import synced as _run
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +17,6 @@ def batch():
     mask, keep, ids, pos, x = make_batch(DEVICE, batch=4, seqlen=1024, hidden=3584, image=512)
     kept = mask.bool() & keep
     return dict(mask=mask, keep=keep, ids=ids, pos=pos, x=x, total=int(kept.sum()), longest=int(kept.sum(1).max()))
-
-
-def _run(fn):
-    def wrapped():
-        out = fn()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    return wrapped
 
 
 @pytest.mark.benchmark(group="pack hidden")

@@ -13,13 +13,9 @@ from tsparse import reference as ref
 from tsparse.ops import box_to_patch_mask, fuse_tokens, gather_tokens, scatter_tokens
 
 from .bench_visual_tokens import make_inputs
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+from .common import BENCH_DEVICE as DEVICE
+from .common import sync as _sync
+from .common import synced as _run
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +26,6 @@ def inputs():
     offsets = [i * 1296 for i in range(5)]
     return dict(grid=grid, boxes=boxes, box_offsets=box_offsets, x=x, keep=keep, counts=counts.tolist(),
                 index=index, offsets=offsets)
-
-
-def _run(fn):
-    def wrapped():
-        out = fn()
-        _sync()
-        return out
-
-    return wrapped
 
 
 @pytest.mark.benchmark(group="box_to_patch_mask")
