@@ -13,7 +13,6 @@ tokens pruned (`keep`). "cpu": B = 8, L = 2048. Byte models:
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
@@ -21,7 +20,7 @@ import torch
 from tsparse import reference as ref
 from tsparse.ops import pack_batch, pack_varlen, unpack_varlen
 
-from .common import Row, Timer, compiled
+from .common import Row, Timer, compiled, count_host_syncs
 
 SIZES = {
     "full": dict(batch=64, seqlen=4096, hidden=3584, image=1296),
@@ -49,17 +48,8 @@ def make_batch(device, batch: int, seqlen: int, hidden: int, image: int, seed: i
 
 
 def count_syncs(device: torch.device, fn: Callable[[], object]):
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
+    """Host syncs of ``fn`` on a GPU; ``None`` on the CPU (nothing to count)."""
+    return count_host_syncs(fn) if device.type == "cuda" else None
 
 
 def _verl_style_pack(ids, mask, pos, x, keep):

@@ -19,6 +19,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -43,6 +44,20 @@ def synced(fn: Callable) -> Callable:
         return out
 
     return wrapped
+
+
+def count_host_syncs(fn: Callable[[], object]) -> int:
+    """How many device->host synchronizations ``fn()`` makes (CUDA only), counted with
+    torch's sync debug mode (one warning per sync)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 # --------------------------------------------------------------------------------------

@@ -6,28 +6,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
 
 from tsparse.ops import box_to_patch_mask, fuse_tokens, gather_tokens, scatter_tokens, select_visual_tokens
 
+from benchmarks.common import count_host_syncs
 from conftest import requires_cuda
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
-
-
-def _count_syncs(fn) -> int:
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def test_gather_scatter_fuse_make_no_host_sync():
@@ -58,7 +46,7 @@ def test_select_visual_tokens_syncs_exactly_once():
     boxes = torch.tensor([[0.1, 0.1, 0.9, 0.9]] * 4, device="cuda")
     offsets = torch.arange(5)
     for fuse in (True, False):
-        assert _count_syncs(lambda: select_visual_tokens(x, boxes, offsets, grid, fuse=fuse)) == 1
+        assert count_host_syncs(lambda: select_visual_tokens(x, boxes, offsets, grid, fuse=fuse)) == 1
 
 
 def _run_child(code: str) -> subprocess.CompletedProcess:
