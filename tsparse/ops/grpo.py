@@ -121,19 +121,10 @@ def _grpo_token_terms_fake(logp, old_logp, advantages, ref_logp, is_weights, cli
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _autocast_inputs(hidden, weight):
-    """Inside an autocast region the logits are computed as ``nn.Linear`` would compute them
-    there: ``hidden`` and ``weight`` are cast to the region's dtype (fp64 is left alone, as
-    autocast leaves it); the op itself then runs with autocast off, in that one dtype, in
-    forward and backward alike (autograd carries the gradient back through the cast)."""
-    if not (isinstance(hidden, Tensor) and isinstance(weight, Tensor)):
-        return hidden, weight
-    dev = hidden.device.type
-    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
-        return hidden, weight
-    dt = torch.get_autocast_dtype(dev)
-    cast = lambda x: x.to(dt) if x.dtype in _AUTOCAST_CASTS and x.dtype != dt else x  # noqa: E731
-    return cast(hidden), cast(weight)
+def _autocast_cast(x, dtype: torch.dtype):
+    """``x`` as an autocast region of ``dtype`` would feed it to a matmul: 16/32-bit floats
+    cast, fp64 (and anything that is not a tensor) left alone."""
+    return x.to(dtype) if isinstance(x, Tensor) and x.dtype in _AUTOCAST_CASTS and x.dtype != dtype else x
 
 
 def _autocast_off(fn):
@@ -159,8 +150,9 @@ def _fixed_precision(*, cast_linear: bool = False):
     fp32 inputs, fp64 for fp64) whatever autocast region they are called in: autocast is off
     inside them, so neither their small [T]-sized matmuls nor the fused linear chunks are
     recast. With ``cast_linear`` (the fused linear ops) ``hidden`` and ``weight`` are first
-    cast to the region's dtype (:func:`_autocast_inputs`), as the ``nn.Linear`` the op replaces
-    would compute its logits there."""
+    cast to the region's dtype (:func:`_autocast_cast`), as the ``nn.Linear`` the op replaces
+    would compute its logits there; the op then runs in that one dtype, forward and backward
+    alike (autograd carries the gradient back through the cast)."""
 
     def deco(fn):
         sig = inspect.signature(fn)
@@ -174,8 +166,10 @@ def _fixed_precision(*, cast_linear: bool = False):
             if cast_linear:
                 bound = sig.bind(*args, **kwargs)
                 a = bound.arguments
-                if "hidden" in a and "weight" in a:
-                    a["hidden"], a["weight"] = _autocast_inputs(a["hidden"], a["weight"])
+                dt = torch.get_autocast_dtype(dev)
+                for name in ("hidden", "weight"):
+                    if name in a:
+                        a[name] = _autocast_cast(a[name], dt)
                 args, kwargs = bound.args, bound.kwargs
             with torch.autocast(dev, enabled=False):
                 return fn(*args, **kwargs)
