@@ -212,11 +212,12 @@ def _prompt_tensors(batch: dict) -> dict:
     return {k: batch[k] for k in _BATCH_KEYS if k in batch}
 
 
-def _generate_inputs(batch: dict) -> dict:
-    """The prompt tensors for ``generate``, every one on the ids' device (HF's vision tower
-    and rope index expect ``image_grid_thw`` next to the pixels)."""
+def _generate_inputs(batch: dict, device: Optional[torch.device] = None) -> dict:
+    """The prompt tensors for ``generate``, every one on ``device`` (default: the ids'),
+    ``image_grid_thw`` included: HF's Qwen2.5-VL vision tower builds its rotary ids (and
+    cu_seqlens) on the grid's device, so a grid left on the CPU fails against a GPU model."""
     out = _prompt_tensors(batch)
-    dev = out["input_ids"].device
+    dev = out["input_ids"].device if device is None else device
     return {k: v.to(dev) for k, v in out.items()}
 
 

@@ -53,6 +53,7 @@ from ...dualstream.data import VQASample, build_messages, load_images
 from ...dualstream.format import parse_boxes
 from ...dualstream.pruning import sparse_generate, sparse_stream_inputs
 from ...dualstream.rewards import GroundTruth, score_dual_stream
+from ...dualstream.rollout import _generate_inputs
 from .advantages import group_uid
 from .losses import STREAM_FIELD
 
@@ -374,14 +375,6 @@ def sparse_prompt_ids(processor, method: MethodConfig, question: str, image_grid
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def _generation_inputs(encoded: dict, device: torch.device) -> dict:
-    """The prompt tensors ``generate`` takes, every one next to the model - ``image_grid_thw``
-    included: HF's Qwen2.5-VL vision tower builds its rotary ids (and cu_seqlens) on the
-    grid's device, so a grid left on the CPU fails against a GPU model."""
-    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in encoded.items() if k in keys}
-
-
 def dual_stream_rollout(
     model,
     processor,
@@ -455,7 +448,7 @@ def dual_stream_rollout(
     t0 = time.perf_counter()
     loc = processor.encode_samples(samples, method.prompts.localization, padding_side="left")
     loc_imgs = _split_images(loc, merge, image_token_id)
-    gen_in = _generation_inputs(loc, device)
+    gen_in = _generate_inputs(loc, device)
     if localization_texts is None:
         with torch.no_grad(), hf_generation_context(), full_parameters(model):
             out = model.generate(**gen_in, num_return_sequences=g, **gen_kw)
