@@ -33,7 +33,15 @@ from torch import Tensor
 from .._nvtx import nvtx_range
 from .config import PruningConfig, StreamPrompt
 from .format import parse_boxes
-from .pruning import _BATCH_KEYS, SparseInputs, _base_model, image_features, sparse_stream_inputs, take_samples
+from .pruning import (
+    _BATCH_KEYS,
+    SparseInputs,
+    _base_model,
+    assemble_sparse_inputs,
+    image_features,
+    sparse_stream_inputs,
+    take_samples,
+)
 
 __all__ = [
     "FULL_IMAGE",
@@ -196,16 +204,17 @@ def batch_image_features(model, batch: dict) -> Tensor:
 
 def dense_stream_inputs(model, batch: dict, *, image_embeds: Tensor) -> SparseInputs:
     """The DENSE stream's inputs in :class:`~tsparse.dualstream.pruning.SparseInputs` form:
-    pruning to a full-image box without fusion, which keeps every token with the model's own
-    M-RoPE positions (the dense-equivalence test of the pruning module). Both streams then
-    share one forward layout (``inputs_embeds`` + 4-row positions, responses appended with
+    every visual token kept, with the model's own M-RoPE positions (what pruning to a
+    full-image box without fusion gives - the dense-equivalence test of the pruning module -
+    without computing a box mask). Both streams then share one forward layout
+    (``inputs_embeds`` + 4-row positions, responses appended with
     :func:`~tsparse.dualstream.pruning.extend_sparse_inputs`)."""
-    n = batch["input_ids"].shape[0]
     grid = batch.get("image_grid_thw")
     if grid is None:
         grid = torch.zeros((0, 3), dtype=torch.int64)
-    return sparse_stream_inputs(model, batch["input_ids"], batch.get("attention_mask"), grid,
-                                [FULL_IMAGE] * n, image_embeds=image_embeds, fuse=False, padding_side="left")
+    keep_all = torch.ones(image_embeds.shape[0], dtype=torch.bool, device=image_embeds.device)
+    return assemble_sparse_inputs(model, batch["input_ids"], batch.get("attention_mask"), grid, keep_all,
+                                  image_embeds, padding_side="left")
 
 
 def _prompt_tensors(batch: dict) -> dict:
