@@ -305,7 +305,7 @@ def qwen2_vl_forward_tsparse(
         log_probs = unpack_varlen(lp, kept, 1, n)
         entropy = unpack_varlen(ent, kept, 1, n)
         return _ppo_output(log_probs, entropy)
-    if tsparse_prune is not None and _prune_requested(tsparse_prune, opts) and not opts.prune_visual:
+    if not opts.prune_visual and _prune_requested(tsparse_prune, opts):  # else already asked above
         raise ValueError(
             "this micro-batch asks for pruned images (multi_modal_inputs.tsparse_prune) but "
             "actor_rollout_ref.model.fused_kernel_options.prune_visual is false: the policy would train on "
