@@ -325,13 +325,6 @@ class SparseRollout:
         return float(f.float().mean()) if f.numel() else 0.0
 
 
-def _generate_dense(model, prompt: dict, options: GenerationOptions, num_return_sequences: int) -> Tensor:
-    out = model.generate(**_generate_inputs(prompt), num_return_sequences=num_return_sequences,
-                         **options.generate_kwargs())
-    seq = out.sequences if hasattr(out, "sequences") else out
-    return seq[:, prompt["input_ids"].shape[1]:]
-
-
 @torch.no_grad()
 def rollout_localization(
     model,
@@ -367,7 +360,11 @@ def rollout_localization(
     with phase("vision", timings, device):
         feats = batch_image_features(model, enc)
     with phase("generate", timings, device):
-        ids = _generate_dense(model, enc, options, group_size)
+        # From the features just computed (the dense stream's inputs_embeds): generate with
+        # pixel_values would run the vision tower again on G copies of every image.
+        dense = dense_stream_inputs(model, enc, image_embeds=feats)
+        out = model.generate(**dense.model_inputs(), num_return_sequences=group_size, **options.generate_kwargs())
+        ids = out.sequences if hasattr(out, "sequences") else out
     with phase("parse", timings, device):
         responses = make_responses(processor, ids, stop_token_ids(model, processor))
         boxes = [parse_boxes(t, max_boxes=max_boxes) for t in responses.texts]
