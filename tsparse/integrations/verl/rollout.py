@@ -53,7 +53,7 @@ from ...dualstream.data import VQASample, build_messages, load_images
 from ...dualstream.format import parse_boxes
 from ...dualstream.pruning import sparse_generate, sparse_stream_inputs
 from ...dualstream.rewards import GroundTruth, score_dual_stream
-from ...dualstream.rollout import _generate_inputs
+from ...dualstream.rollout import _generate_inputs, batch_image_features, dense_stream_inputs
 from .advantages import group_uid
 from .losses import STREAM_FIELD
 
@@ -448,13 +448,14 @@ def dual_stream_rollout(
     t0 = time.perf_counter()
     loc = processor.encode_samples(samples, method.prompts.localization, padding_side="left")
     loc_imgs = _split_images(loc, merge, image_token_id)
-    gen_in = _generate_inputs(loc, device)
     if localization_texts is None:
         with torch.no_grad(), hf_generation_context(), full_parameters(model):
-            out = model.generate(**gen_in, num_return_sequences=g, **gen_kw)
-        out = out.sequences if hasattr(out, "sequences") else out
-        width = loc["input_ids"].shape[1]
-        loc_resp = [_trim_response(row[width:].cpu(), eos, pad) for row in out]
+            # From the image features, computed once (as the sparse stream does): generate with
+            # pixel_values would run the vision tower again on G copies of every image.
+            loc_dev = _generate_inputs(loc, device)
+            dense = dense_stream_inputs(model, loc_dev, image_embeds=batch_image_features(model, loc_dev))
+            out = sparse_generate(model, dense, num_return_sequences=g, **gen_kw)
+        loc_resp = [_trim_response(row.cpu(), eos, pad) for row in out]
     else:
         if len(localization_texts) != q or any(len(row) != g for row in localization_texts):
             raise ValueError(f"`localization_texts` must be [Q][G] = [{q}][{g}] responses")
