@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-from .dualstream.data import VQASample, load_vitar_json, parse_options
+from .dualstream.data import VQASample, load_vitar_json, parse_options, read_records
 from .dualstream.format import extract_answer
 from .dualstream.rewards import normalize_text, parse_choice
 
@@ -85,16 +85,6 @@ class EvalItem:
     sample: VQASample
     dataset: str
     subset: Optional[str] = None
-
-
-def _read_records(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: the top level must be a JSON list of records, got {type(data).__name__}")
-    return data
 
 
 def _answer_letter(answer: str, options: Mapping[str, str], meta: Mapping[str, Any]) -> str:
@@ -134,10 +124,9 @@ def load_eval_samples(
         raise FileNotFoundError(f"`path`: no such file {str(path)!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"`limit` must be a non-negative int or None, got {limit!r}")
-    raw = _read_records(path)[:limit] if limit is not None else _read_records(path)
     samples = load_vitar_json(path, check_images=check_images, invalid_boxes="drop", limit=limit)
     out = []
-    for i, (rec, s) in enumerate(zip(raw, samples)):
+    for i, s in enumerate(samples):
         meta = dict(s.meta)
         if skip_open and str(meta.get("question_type", "")).lower() == "open":
             continue
@@ -234,7 +223,7 @@ def score_predictions(path: PathLike, *, skip_open: bool = True) -> dict:
     ``output`` (absent or null: missing). Images are not needed. Returns
     :func:`accuracy_by_dataset`'s dict plus ``"status"`` counts (answered / unparsed / missing)."""
     path = Path(path)
-    raw = _read_records(path) if path.is_file() else None
+    raw = read_records(path) if path.is_file() else None
     if raw is None:
         raise FileNotFoundError(f"`path`: no such file {str(path)!r}")
     items = load_eval_samples(path, skip_open=skip_open, check_images=False)

@@ -134,6 +134,17 @@ def _record_boxes(value, where: str, invalid: str) -> tuple:
     return tuple(out)
 
 
+def read_records(path: Path) -> list:
+    """The records of a JSON list file, or of a JSON Lines file (``.jsonl``, one per line)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: the top level must be a JSON list of records, got {type(data).__name__}")
+    return data
+
+
 def load_vitar_json(
     path: PathLike,
     *,
@@ -165,13 +176,7 @@ def load_vitar_json(
     if not path.is_file():
         raise FileNotFoundError(f"`path`: no such file {str(path)!r}")
     root = path.resolve().parent
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        records = json.loads(text)
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: the top level must be a JSON list of records, got {type(records).__name__}")
+    records = read_records(path)
     out = []
     for i, rec in enumerate(records[:limit] if limit is not None else records):
         where = f"{path.name} record {i}"
