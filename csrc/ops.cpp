@@ -5,6 +5,7 @@
 // fake kernel, autograd) is in tsparse/ops/. Internal ops (used by backward formulas and
 // composites) are marked as such; users call the public wrappers in tsparse.ops.
 #include <pybind11/pybind11.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include <string>
@@ -107,10 +108,28 @@ pybind11::dict build_info() {
   return d;
 }
 
+// Who else holds a tensor's memory, for the in-place backward of tsparse/ops/grpo.py (it may
+// only overwrite logits nothing else can observe). Read without taking a reference:
+//   (TensorImpl use count: Python object, tensors saved for backward by autograd nodes, ...;
+//    storage use count: every tensor on the same memory - views, bases, detached aliases,
+//    outputs saved for backward;
+//    the view base's TensorImpl use count, or -1 when the tensor is not a view).
+pybind11::tuple alias_counts(pybind11::handle obj) {
+  TORCH_CHECK_TYPE(THPVariable_Check(obj.ptr()), "tsparse._C.alias_counts: expected a torch.Tensor");
+  const at::Tensor& t = THPVariable_Unpack(obj.ptr());
+  const int64_t impl = static_cast<int64_t>(t.use_count());
+  const int64_t storage = t.has_storage() ? static_cast<int64_t>(t.storage().use_count()) : -1;
+  const int64_t base = t.is_view() ? static_cast<int64_t>(t._base().use_count()) : -1;
+  return pybind11::make_tuple(impl, storage, base);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "tsparse compiled kernels (load through `import tsparse`)";
   m.def("build_info", &build_info,
         "How this extension was built: torch version, CUDA kernels, CUDA version, arch list.");
+  m.def("alias_counts", &alias_counts,
+        "(TensorImpl use count, storage use count, view base's TensorImpl use count or -1) of a "
+        "tensor, without taking a reference (internal: the in-place backward's alias check).");
 }

@@ -295,16 +295,20 @@ def masked_mean_ref(values: Tensor, mask: Tensor) -> Tensor:
     return _masked_sum(values, mask) / (mask.sum() + 1e-8)
 
 
-def agg_loss_ref(loss: Tensor, mask: Tensor, mode: str, seq_ids: Optional[Tensor] = None) -> Tensor:
+def agg_loss_ref(loss: Tensor, mask: Tensor, mode: str, seq_ids: Optional[Tensor] = None,
+                 loss_scale_factor: Optional[float] = None) -> Tensor:
     """verl 0.9.1 ``agg_loss`` (dp_size = 1) on flat tokens: ``seq_ids`` names each token's
-    sequence (verl's rows). A selection with no tokens aggregates to 0 (verl: 0 / 0)."""
+    sequence (verl's rows); ``seq-mean-token-sum-norm`` divides ``seq-mean-token-sum`` by
+    ``loss_scale_factor`` (verl's default, the padded width, does not exist for flat tokens).
+    A selection with no tokens aggregates to 0 (verl: 0 / 0). Masked tokens never reach the
+    result, even when not finite (``where``, as verl's ``masked_sum``)."""
     m = mask.to(loss.dtype)
     if mode == "token-mean":
         n = m.sum()
         return _masked_sum(loss, m) / n if float(n) != 0 else _masked_sum(loss, m) * 0
     if mode == "token-sum":
         return _masked_sum(loss, m)
-    if mode not in ("seq-mean-token-sum", "seq-mean-token-mean"):
+    if mode not in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
         raise ValueError(f"unknown loss_agg {mode!r}")
     total, nseq = _masked_sum(loss, m) * 0, 0
     for q in torch.unique(seq_ids).tolist():
@@ -317,7 +321,10 @@ def agg_loss_ref(loss: Tensor, mask: Tensor, mode: str, seq_ids: Optional[Tensor
             seq_loss = seq_loss / (count + 1e-8)
         total = total + seq_loss
         nseq += 1
-    return total / nseq if nseq else total
+    total = total / nseq if nseq else total
+    if mode == "seq-mean-token-sum-norm":
+        total = total / loss_scale_factor
+    return total
 
 
 def grpo_loss_ref(
@@ -327,6 +334,7 @@ def grpo_loss_ref(
     entropy_coef: float = 0.0, stream: Optional[Tensor] = None, stream_weights: Optional[Sequence[float]] = None,
     num_streams: Optional[int] = None, loss_agg: str = "token-mean", seq_ids: Optional[Tensor] = None,
     is_weights: Optional[Tensor] = None, dtype: Optional[torch.dtype] = torch.float64,
+    loss_scale_factor: Optional[float] = None,
 ) -> dict:
     """Reference of :func:`tsparse.ops.grpo_loss`: per stream s, verl's ``ppo_loss`` on the
     stream's masked tokens (``pg_loss - entropy_coef * entropy_loss + kl_coef * kl_loss``, each
@@ -348,17 +356,19 @@ def grpo_loss_ref(
     else:
         s_count = len(stream_weights) if stream_weights is not None else (num_streams or int(stream.max()) + 1)
     weights = list(stream_weights) if stream_weights is not None else [1.0] * s_count
-    loss = logp.sum() * 0
+    # Zero, on the graph, but never NaN: `logp.sum() * 0` is NaN when a (masked) row of the
+    # logits is not finite, while the loss only reads the unmasked tokens.
+    loss = _masked_sum(logp, torch.zeros_like(logp))
     metrics = {k: [] for k in ("pg_loss", "clipfrac", "clipfrac_lower", "ppo_kl", "kl", "entropy", "tokens")}
     for s in range(s_count):
         ms = m * (stream == s).to(cd)
-        pg_s = agg_loss_ref(pl["pg"], ms, loss_agg, seq_ids)
-        ent_s = agg_loss_ref(entropy, ms, loss_agg, seq_ids)
+        pg_s = agg_loss_ref(pl["pg"], ms, loss_agg, seq_ids, loss_scale_factor)
+        ent_s = agg_loss_ref(entropy, ms, loss_agg, seq_ids, loss_scale_factor)
         loss_s = pg_s - entropy_coef * ent_s
         metrics["pg_loss"].append(pg_s.detach())
         metrics["entropy"].append(ent_s.detach())
         if kld is not None:
-            kl_s = agg_loss_ref(kld, ms, loss_agg, seq_ids)
+            kl_s = agg_loss_ref(kld, ms, loss_agg, seq_ids, loss_scale_factor)
             loss_s = loss_s + kl_s * kl_coef
             metrics["kl"].append(kl_s.detach())
         metrics["clipfrac"].append(masked_mean_ref(pl["clipped"].to(cd), ms).detach())
