@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import _library  # noqa: F401
+from . import _checks
 
 _ops = torch.ops.tsparse
 
@@ -33,12 +34,15 @@ def segment_sum_by_key(values, keys, num_keys: int):
 
 @torch.library.register_fake("tsparse::compose_rows")
 def _compose_rows_fake(src, row_map, fill, row_scale):
+    _checks.fake_same_device("compose_rows", "row_map", row_map, src=src, fill=fill, row_scale=row_scale)
     ref = src if src is not None else fill
+    torch._check(ref is not None, lambda: "tsparse.compose_rows: at least one of `src` and `fill` must be given")
     return ref.new_empty((row_map.shape[0], ref.shape[1]))
 
 
 @torch.library.register_fake("tsparse::segment_reduce_rows")
 def _segment_reduce_rows_fake(src, perm, offsets, mean):
+    _checks.fake_same_device("segment_reduce_rows", "src", src, perm=perm, offsets=offsets)
     return src.new_empty((offsets.shape[0] - 1, src.shape[1]))
 
 

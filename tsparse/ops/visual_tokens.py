@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import _library  # noqa: F401  (loads tsparse._C: the torch.ops.tsparse schemas)
+from . import _checks
 from . import _rows  # noqa: F401  (fake kernels and autograd of the internal row ops)
 from .._nvtx import annotate, nvtx_range
 
@@ -41,6 +42,8 @@ __all__ = [
 _ops = torch.ops.tsparse
 _INT32_MAX = 2**31 - 1
 _ROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: keyword options of box_to_patch_mask that select_visual_tokens passes through
+_MASK_OPTIONS = ("coords", "patch_size", "merge_size", "margin", "min_coverage", "empty", "invalid_boxes")
 
 
 # --------------------------------------------------------------------------------------
@@ -57,9 +60,13 @@ def _choice(value: str, options: Sequence[str], op: str, arg: str) -> str:
     return value
 
 
-def _host_metadata(*tensors: Tensor) -> list[Tensor]:
+def _host_metadata(op: str, **named: Tensor) -> list[Tensor]:
     """Moves small integer metadata to the CPU as int64, with ONE device->host copy in total
-    when any of it lives on a GPU (that copy waits for the device)."""
+    when any of it lives on a GPU (that copy waits for the device). Meta tensors have no values
+    to read: refused, naming the argument."""
+    for arg, t in named.items():
+        _checks.not_meta(t, op, arg, "its values are read on the host")
+    tensors = list(named.values())
     if all(t.device.type == "cpu" for t in tensors):
         return [t.to(torch.int64) for t in tensors]
     flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors]).cpu()
@@ -70,20 +77,41 @@ def _host_metadata(*tensors: Tensor) -> list[Tensor]:
     return out
 
 
+def _check_grid(image_grid_thw, op: str, merge_size) -> None:
+    """Type and shape of ``image_grid_thw`` and ``merge_size`` (the values are checked where they
+    are read)."""
+    _need_tensor(image_grid_thw, op, "image_grid_thw")
+    if image_grid_thw.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"tsparse.{op}: `image_grid_thw` must be int32 or int64, got {image_grid_thw.dtype}")
+    if image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3:
+        raise ValueError(
+            f"tsparse.{op}: `image_grid_thw` must have shape [num_images, 3] (t, h, w), got "
+            f"{tuple(image_grid_thw.shape)}"
+        )
+    if isinstance(merge_size, bool) or not isinstance(merge_size, int) or merge_size < 1:
+        raise ValueError(f"tsparse.{op}: `merge_size` must be a positive int, got {merge_size!r}")
+
+
 def token_offsets_from_grid(image_grid_thw: Tensor, merge_size: int = 2) -> list[int]:
     """CSR offsets ``[num_images + 1]`` of each image's merged tokens (host ints).
 
-    Reads ``image_grid_thw`` on the host (a device->host copy if it lives on a GPU).
+    ``image_grid_thw``: int32 / int64 ``[num_images, 3]``, every ``(t, h, w)`` positive with
+    ``h`` and ``w`` multiples of ``merge_size`` (a positive int) - the checks
+    :func:`box_to_patch_mask` makes. Reads ``image_grid_thw`` on the host (a device->host copy
+    if it lives on a GPU; a meta tensor is refused).
     """
-    (grid,) = _host_metadata(image_grid_thw)
-    if grid.dim() != 2 or grid.shape[-1] != 3:
-        raise ValueError(f"`image_grid_thw` must have shape [num_images, 3], got {tuple(grid.shape)}")
+    op = "token_offsets_from_grid"
+    _check_grid(image_grid_thw, op, merge_size)
+    (grid,) = _host_metadata(op, image_grid_thw=image_grid_thw)
     offsets = [0]
-    m = int(merge_size)
-    for t, h, w in grid.tolist():
+    m = merge_size
+    for i, (t, h, w) in enumerate(grid.tolist()):
+        if t < 1 or h < 1 or w < 1:
+            raise ValueError(f"tsparse.{op}: `image_grid_thw[{i}]` = ({t}, {h}, {w}) must be positive")
         if h % m or w % m:
             raise ValueError(
-                f"`image_grid_thw` row ({t}, {h}, {w}): h and w must be multiples of merge_size={m}"
+                f"tsparse.{op}: `image_grid_thw[{i}]` = ({t}, {h}, {w}): h and w must be multiples of "
+                f"merge_size = {m}"
             )
         offsets.append(offsets[-1] + t * (h // m) * (w // m))
     return offsets
@@ -94,6 +122,13 @@ def token_offsets_from_grid(image_grid_thw: Tensor, merge_size: int = 2) -> list
 @torch.library.register_fake("tsparse::box_to_patch_mask")
 def _box_to_patch_mask_fake(boxes, box_offsets, image_grid_thw, num_tokens, pixel_coords,
                             patch_size, merge_size, margin, min_coverage, keep_all_when_empty):
+    op = "box_to_patch_mask"
+    for arg, t in (("box_offsets", box_offsets), ("image_grid_thw", image_grid_thw)):
+        # Read on the host by the real kernels: the CPU, or `boxes`' device (copied once).
+        if t.device.type != "cpu" and t.device != boxes.device:
+            _checks.fake_same_device(op, "boxes", boxes, **{arg: t})
+        if boxes.device.type != "meta":
+            _checks.not_meta(t, op, arg, "its values are read on the host")
     keep = boxes.new_empty((num_tokens,), dtype=torch.bool)
     counts = boxes.new_empty((image_grid_thw.shape[0],), dtype=torch.int32)
     return keep, counts
@@ -101,6 +136,7 @@ def _box_to_patch_mask_fake(boxes, box_offsets, image_grid_thw, num_tokens, pixe
 
 @torch.library.register_fake("tsparse::gather_rows")
 def _gather_rows_fake(x, index, build_inverse):
+    _checks.fake_same_device("gather_tokens", "x", x, index=index)
     torch._check(x.dim() == 2, lambda: "tsparse.gather_tokens: `x` must be 2-D [N, D]")
     torch._check(index.dim() == 1, lambda: "tsparse.gather_tokens: `index` must be 1-D")
     out = x.new_empty((index.shape[0], x.shape[1]))
@@ -110,6 +146,7 @@ def _gather_rows_fake(x, index, build_inverse):
 
 @torch.library.register_fake("tsparse::scatter_rows")
 def _scatter_rows_fake(src, index, num_rows, fill):
+    _checks.fake_same_device("scatter_tokens", "src", src, index=index, fill=fill)
     torch._check(src.dim() == 2, lambda: "tsparse.scatter_tokens: `src` must be 2-D [M, D]")
     out = src.new_empty((num_rows, src.shape[1]))
     inverse = src.new_empty((num_rows,), dtype=torch.int32)
@@ -118,6 +155,8 @@ def _scatter_rows_fake(src, index, num_rows, fill):
 
 @torch.library.register_fake("tsparse::fuse_tokens")
 def _fuse_tokens_fake(x, keep, token_offsets, kept_counts):
+    _checks.fake_same_device("fuse_tokens", "x", x, keep=keep)
+    torch._check(x.dim() == 2, lambda: "tsparse.fuse_tokens: `x` must be 2-D [N, D]")
     k = sum(kept_counts)
     return (
         x.new_empty((k, x.shape[1])),
@@ -247,24 +286,26 @@ def box_to_patch_mask(
     _choice(coords, ("normalized", "pixel"), op, "coords")
     _choice(empty, ("keep_all", "drop_all"), op, "empty")
     _choice(invalid_boxes, ("ignore", "raise"), op, "invalid_boxes")
-    if not isinstance(merge_size, int) or merge_size < 1:
-        raise ValueError(f"tsparse.{op}: `merge_size` must be a positive int, got {merge_size!r}")
-    if not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"tsparse.{op}: `patch_size` must be a positive int, got {patch_size!r}")
+    for name, v in (("merge_size", merge_size), ("patch_size", patch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"tsparse.{op}: `{name}` must be a positive int, got {v!r}")
+    margin = _checks.number(margin, op, "margin")
+    min_coverage = _checks.number(min_coverage, op, "min_coverage")
     if image_grid_thw.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"tsparse.{op}: `image_grid_thw` must be int32 or int64, got {image_grid_thw.dtype}")
     if box_offsets.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"tsparse.{op}: `box_offsets` must be int32 or int64, got {box_offsets.dtype}")
-    grid, offsets = _host_metadata(image_grid_thw, box_offsets)
+    grid, offsets = _host_metadata(op, image_grid_thw=image_grid_thw, box_offsets=box_offsets)
     num_tokens = 0
     if grid.dim() == 2 and grid.shape[1] == 3:
         g = grid.tolist()
         num_tokens = sum(t * (h // merge_size) * (w // merge_size) for t, h, w in g)
     if invalid_boxes == "raise":
+        _checks.not_meta(boxes, op, "boxes", "invalid_boxes='raise' reads the boxes on the host")
         _raise_on_invalid_boxes(boxes, op)
     return _ops.box_to_patch_mask(
         boxes, offsets, grid, num_tokens, coords == "pixel", patch_size, merge_size,
-        float(margin), float(min_coverage), empty == "keep_all",
+        margin, min_coverage, empty == "keep_all",
     )
 
 
@@ -336,6 +377,27 @@ def scatter_tokens(
     return _ops.scatter_rows(src, index, num_rows, fill)[0]
 
 
+def _int_list(values, op: str, arg: str) -> list[int]:
+    """A sequence of Python ints (or a 1-D int tensor, read on the host) as a list of ints;
+    floats, bools and strings are refused instead of truncated."""
+    if isinstance(values, Tensor):
+        if values.dtype not in (torch.int32, torch.int64) or values.dim() != 1:
+            raise TypeError(f"tsparse.{op}: `{arg}` must be a 1-D int32/int64 tensor or a list of ints, got "
+                            f"{values.dtype} {tuple(values.shape)}")
+        (t,) = _host_metadata(op, **{arg: values})
+        return [int(v) for v in t.tolist()]
+    try:
+        items = list(values)
+    except TypeError:
+        raise TypeError(f"tsparse.{op}: `{arg}` must be a list of ints, got {type(values).__name__}") from None
+    out = []
+    for v in items:
+        if isinstance(v, bool) or isinstance(v, (float, str)) or not hasattr(v, "__index__"):
+            raise TypeError(f"tsparse.{op}: `{arg}` must hold ints, got {type(v).__name__} {v!r}")
+        out.append(int(v.__index__()))
+    return out
+
+
 def _kept_counts(keep: Tensor, token_offsets: Sequence[int]) -> list[int]:
     """Per-image number of kept tokens, read on the host (ONE device->host copy on a GPU)."""
     if len(token_offsets) <= 1:
@@ -382,11 +444,7 @@ def fuse_tokens(
     op = "fuse_tokens"
     _need_tensor(x, op, "x")
     _need_tensor(keep, op, "keep")
-    if isinstance(token_offsets, Tensor):
-        (t,) = _host_metadata(token_offsets)
-        offsets = [int(v) for v in t.reshape(-1).tolist()]
-    else:
-        offsets = [int(v) for v in token_offsets]
+    offsets = _int_list(token_offsets, op, "token_offsets")
     if keep.dtype != torch.bool:
         raise TypeError(f"tsparse.{op}: `keep` must be bool, got {keep.dtype}")
     if keep.dim() != 1 or x.dim() != 2 or keep.shape[0] != x.shape[0]:
@@ -403,8 +461,13 @@ def fuse_tokens(
         )
     if keep.device != x.device:
         raise ValueError(f"tsparse.{op}: `keep` is on {keep.device} but `x` is on {x.device}")
-    counts = list(kept_counts) if kept_counts is not None else _kept_counts(keep, offsets)
-    y, assign, _ = _ops.fuse_tokens(x, keep, offsets, [int(c) for c in counts])
+    if kept_counts is not None:
+        counts = _int_list(kept_counts, op, "kept_counts")
+    else:
+        _checks.not_meta(keep, op, "keep", "the kept counts that size the output are read on the host; pass "
+                         "`kept_counts`")
+        counts = _kept_counts(keep, offsets)
+    y, assign, _ = _ops.fuse_tokens(x, keep, offsets, counts)
     return y, assign
 
 
@@ -449,8 +512,21 @@ def select_visual_tokens(
     _need_tensor(image_embeds, op, "image_embeds")
     _need_tensor(image_grid_thw, op, "image_grid_thw")
     _need_tensor(box_offsets, op, "box_offsets")
+    if image_embeds.dtype not in _ROW_DTYPES:
+        raise TypeError(
+            f"tsparse.{op}: `image_embeds` must be float32, float16, bfloat16 or float64, got {image_embeds.dtype}"
+        )
+    if image_embeds.dim() != 2:
+        raise ValueError(f"tsparse.{op}: `image_embeds` must be 2-D [N, D], got {tuple(image_embeds.shape)}")
+    _checks.not_meta(image_embeds, op, "image_embeds", "the kept counts that size the output are read on the host")
+    unknown = sorted(set(mask_options) - set(_MASK_OPTIONS))
+    if unknown:
+        raise TypeError(f"tsparse.{op}: unknown mask option(s) {unknown}; allowed: {list(_MASK_OPTIONS)}")
     merge_size = mask_options.get("merge_size", 2)
-    grid, offs = _host_metadata(image_grid_thw, box_offsets)
+    _check_grid(image_grid_thw, op, merge_size)
+    if box_offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"tsparse.{op}: `box_offsets` must be int32 or int64, got {box_offsets.dtype}")
+    grid, offs = _host_metadata(op, image_grid_thw=image_grid_thw, box_offsets=box_offsets)
     with nvtx_range("select_visual_tokens/mask"):
         boxes = _need_tensor(boxes, op, "boxes").to(image_embeds.device, non_blocking=True)
         keep, kept_counts = box_to_patch_mask(boxes, offs, grid, **mask_options)
