@@ -296,7 +296,7 @@ def test_bad_inputs():
         unpack_varlen(torch.randn(2, 4), torch.tensor([0, 1]), -1, 3)
     with pytest.raises(ValueError, match="values"):
         unpack_varlen(torch.randn(3, 4), torch.tensor([0, 1]), 1, 3)
-    with pytest.raises(IndexError, match="index"):
+    with pytest.raises(IndexError, match="unpack_varlen: `indices`"):  # the caller's name, not the kernel's
         unpack_varlen(torch.randn(2, 4), torch.tensor([0, 9]), 2, 3)
 
 
