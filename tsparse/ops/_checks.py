@@ -24,7 +24,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["need_tensor", "number", "fake_same_device", "not_meta", "check_on_device", "is_meta", "renamed_errors"]
+__all__ = [
+    "need_tensor", "number", "fake_same_device", "fake_dims", "not_meta", "check_on_device", "is_meta", "renamed_errors",
+]
 
 
 def need_tensor(value, op: str, arg: str) -> Tensor:
@@ -50,9 +52,15 @@ def is_meta(t) -> bool:
     return isinstance(t, Tensor) and t.device.type == "meta"
 
 
-def fake_same_device(op: str, ref_arg: str, ref: Tensor, **others: Optional[Tensor]) -> None:
-    """Every other tensor argument of a raw op on ``ref``'s device (None: not given)."""
+def fake_same_device(op: str, ref_arg: str, ref: Tensor, optional: tuple = (),
+                     **others: Optional[Tensor]) -> None:
+    """Every other tensor argument of a raw op on ``ref``'s device; None only for the arguments
+    named in ``optional`` (the dispatcher lets None through for a required ``Tensor``)."""
+    if not isinstance(ref, Tensor):
+        raise TypeError(f"tsparse.{op}: `{ref_arg}` must be a tensor, got {type(ref).__name__}")
     for arg, t in others.items():
+        if t is None and arg not in optional:
+            raise TypeError(f"tsparse.{op}: `{arg}` must be a tensor, got None")
         if t is None or t.device == ref.device:
             continue
         extra = ""
@@ -62,6 +70,14 @@ def fake_same_device(op: str, ref_arg: str, ref: Tensor, **others: Optional[Tens
             f"tsparse.{op}: `{arg}` is on {t.device} but `{ref_arg}` is on {ref.device}; they must be on "
             f"the same device{extra}"
         )
+
+
+def fake_dims(op: str, **named) -> None:
+    """``name=(tensor, ndim)``: the ranks the real kernels check, so a fake kernel fails with the
+    same kind of message instead of an IndexError on ``shape[1]`` (None: an absent optional)."""
+    for arg, (t, nd) in named.items():
+        if t is not None and t.dim() != nd:
+            raise ValueError(f"tsparse.{op}: `{arg}` must be {nd}-D, got shape {tuple(t.shape)}")
 
 
 def not_meta(t: Tensor, op: str, arg: str, why: str) -> None:

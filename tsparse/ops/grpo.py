@@ -93,8 +93,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("tsparse::logprobs")
 def _logprobs_fake(logits, targets, temperature, with_entropy):
     _checks.fake_same_device("logprobs", "logits", logits, targets=targets)
-    torch._check(logits.dim() == 2, lambda: "tsparse.logprobs: `logits` must be 2-D [T, V]")
-    torch._check(targets.dim() == 1, lambda: "tsparse.logprobs: `targets` must be 1-D [T]")
+    _checks.fake_dims("logprobs", logits=(logits, 2), targets=(targets, 1))
     t = logits.shape[0]
     acc = _acc_dtype(logits.dtype)
     return (
@@ -107,24 +106,28 @@ def _logprobs_fake(logits, targets, temperature, with_entropy):
 
 @torch.library.register_fake("tsparse::logprobs_backward")
 def _logprobs_backward_fake(logits, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature):
-    _checks.fake_same_device("logprobs_backward", "logits", logits, targets=targets, row_max=row_max,
-                             log_norm=log_norm, entropy=entropy, grad_logp=grad_logp, grad_entropy=grad_entropy)
+    _checks.fake_same_device("logprobs_backward", "logits", logits, ("grad_logp", "grad_entropy"), targets=targets,
+                             row_max=row_max, log_norm=log_norm, entropy=entropy, grad_logp=grad_logp,
+                             grad_entropy=grad_entropy)
+    _checks.fake_dims("logprobs_backward", logits=(logits, 2), targets=(targets, 1))
     return logits.new_empty(logits.shape)
 
 
 @torch.library.register_fake("tsparse::logprobs_backward_")
 def _logprobs_backward_inplace_fake(logits, targets, row_max, log_norm, entropy, grad_logp, grad_entropy,
                                     temperature):
-    _checks.fake_same_device("logprobs_backward_", "logits", logits, targets=targets, row_max=row_max,
-                             log_norm=log_norm, entropy=entropy, grad_logp=grad_logp, grad_entropy=grad_entropy)
+    _checks.fake_same_device("logprobs_backward_", "logits", logits, ("grad_logp", "grad_entropy"), targets=targets,
+                             row_max=row_max, log_norm=log_norm, entropy=entropy, grad_logp=grad_logp,
+                             grad_entropy=grad_entropy)
     return None
 
 
 @torch.library.register_fake("tsparse::grpo_token_terms")
 def _grpo_token_terms_fake(logp, old_logp, advantages, ref_logp, is_weights, clip_low, clip_high,
                            clip_ratio_c, kl_type, clamp_edges):
-    _checks.fake_same_device("grpo_token_terms", "logp", logp, old_logp=old_logp, advantages=advantages,
-                             ref_logp=ref_logp, is_weights=is_weights)
+    _checks.fake_same_device("grpo_token_terms", "logp", logp, ("ref_logp", "is_weights"), old_logp=old_logp,
+                             advantages=advantages, ref_logp=ref_logp, is_weights=is_weights)
+    _checks.fake_dims("grpo_token_terms", logp=(logp, 1))
     n = logp.shape[0]
     f = lambda: logp.new_empty((n,))  # noqa: E731
     return f(), f(), f(), logp.new_empty((n,), dtype=torch.uint8), f(), f(), f()

@@ -80,15 +80,18 @@ class PackedBatch(NamedTuple):
 # Fake kernels and autograd
 @torch.library.register_fake("tsparse::varlen_seqlens")
 def _varlen_seqlens_fake(attention_mask, keep):
-    _checks.fake_same_device("pack_varlen", "attention_mask", attention_mask, keep=keep)
+    _checks.fake_same_device("pack_varlen", "attention_mask", attention_mask, ("keep",), keep=keep)
+    _checks.fake_dims("pack_varlen", attention_mask=(attention_mask, 2), keep=(keep, 2))
     b = attention_mask.shape[0]
     return (attention_mask.new_empty((b,), dtype=torch.int32), attention_mask.new_empty((b + 1,), dtype=torch.int32))
 
 
 @torch.library.register_fake("tsparse::varlen_pack")
 def _varlen_pack_fake(attention_mask, keep, cu_seqlens, total, input_ids, position_ids):
-    _checks.fake_same_device("pack_varlen", "attention_mask", attention_mask, keep=keep, cu_seqlens=cu_seqlens,
+    _checks.fake_same_device("pack_varlen", "attention_mask", attention_mask, ("keep", "input_ids", "position_ids"),
+                             keep=keep, cu_seqlens=cu_seqlens,
                              input_ids=input_ids, position_ids=position_ids)
+    _checks.fake_dims("pack_varlen", attention_mask=(attention_mask, 2), cu_seqlens=(cu_seqlens, 1))
     b, l = attention_mask.shape
     n_ids = total if input_ids is not None else 0
     channels = 0 if position_ids is None else (1 if position_ids.dim() == 2 else position_ids.shape[0])
@@ -105,6 +108,7 @@ def _varlen_pack_fake(attention_mask, keep, cu_seqlens, total, input_ids, positi
 @torch.library.register_fake("tsparse::varlen_gather")
 def _varlen_gather_fake(x, indices, inverse):
     _checks.fake_same_device("pack_varlen", "x", x, indices=indices, inverse=inverse)
+    _checks.fake_dims("pack_varlen", x=(x, 2), indices=(indices, 1), inverse=(inverse, 1))
     return x.new_empty((indices.shape[0], x.shape[1]))
 
 
@@ -283,6 +287,8 @@ def _unpack(values, indices, batch, seqlen, fill, op: str, values_arg: str) -> T
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"tsparse.{op}: `{name}` must be a non-negative int, got {v!r}")
     n = batch * seqlen
+    if n >= 2**63:
+        raise ValueError(f"tsparse.{op}: `batch` * `seqlen` = {n} rows is too many (2^63 at most)")
     _check_indices(indices, op, "indices", values.device, bound=n)
     if values.dim() < 1 or values.shape[0] != indices.shape[0]:
         raise ValueError(

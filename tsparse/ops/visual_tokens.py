@@ -123,7 +123,11 @@ def token_offsets_from_grid(image_grid_thw: Tensor, merge_size: int = 2) -> list
 def _box_to_patch_mask_fake(boxes, box_offsets, image_grid_thw, num_tokens, pixel_coords,
                             patch_size, merge_size, margin, min_coverage, keep_all_when_empty):
     op = "box_to_patch_mask"
+    _checks.fake_same_device(op, "boxes", boxes)
+    _checks.fake_dims(op, boxes=(boxes, 2), box_offsets=(box_offsets, 1), image_grid_thw=(image_grid_thw, 2))
     for arg, t in (("box_offsets", box_offsets), ("image_grid_thw", image_grid_thw)):
+        if t is None:
+            raise TypeError(f"tsparse.{op}: `{arg}` must be a tensor, got None")
         # Read on the host by the real kernels: the CPU, or `boxes`' device (copied once).
         if t.device.type != "cpu" and t.device != boxes.device:
             _checks.fake_same_device(op, "boxes", boxes, **{arg: t})
@@ -137,8 +141,7 @@ def _box_to_patch_mask_fake(boxes, box_offsets, image_grid_thw, num_tokens, pixe
 @torch.library.register_fake("tsparse::gather_rows")
 def _gather_rows_fake(x, index, build_inverse):
     _checks.fake_same_device("gather_tokens", "x", x, index=index)
-    torch._check(x.dim() == 2, lambda: "tsparse.gather_tokens: `x` must be 2-D [N, D]")
-    torch._check(index.dim() == 1, lambda: "tsparse.gather_tokens: `index` must be 1-D")
+    _checks.fake_dims("gather_tokens", x=(x, 2), index=(index, 1))
     out = x.new_empty((index.shape[0], x.shape[1]))
     inverse = x.new_empty((x.shape[0] if build_inverse else 0,), dtype=torch.int32)
     return out, inverse
@@ -146,8 +149,8 @@ def _gather_rows_fake(x, index, build_inverse):
 
 @torch.library.register_fake("tsparse::scatter_rows")
 def _scatter_rows_fake(src, index, num_rows, fill):
-    _checks.fake_same_device("scatter_tokens", "src", src, index=index, fill=fill)
-    torch._check(src.dim() == 2, lambda: "tsparse.scatter_tokens: `src` must be 2-D [M, D]")
+    _checks.fake_same_device("scatter_tokens", "src", src, ("fill",), index=index, fill=fill)
+    _checks.fake_dims("scatter_tokens", src=(src, 2), index=(index, 1))
     out = src.new_empty((num_rows, src.shape[1]))
     inverse = src.new_empty((num_rows,), dtype=torch.int32)
     return out, inverse
@@ -156,7 +159,7 @@ def _scatter_rows_fake(src, index, num_rows, fill):
 @torch.library.register_fake("tsparse::fuse_tokens")
 def _fuse_tokens_fake(x, keep, token_offsets, kept_counts):
     _checks.fake_same_device("fuse_tokens", "x", x, keep=keep)
-    torch._check(x.dim() == 2, lambda: "tsparse.fuse_tokens: `x` must be 2-D [N, D]")
+    _checks.fake_dims("fuse_tokens", x=(x, 2), keep=(keep, 1))
     k = sum(kept_counts)
     return (
         x.new_empty((k, x.shape[1])),
@@ -372,8 +375,10 @@ def scatter_tokens(
     _need_tensor(index, op, "index")
     if fill is not None:
         _need_tensor(fill, op, "fill")
-    if not isinstance(num_rows, int):
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int):
         raise TypeError(f"tsparse.{op}: `num_rows` must be an int, got {type(num_rows).__name__}")
+    if not 0 <= num_rows < 2**63:
+        raise ValueError(f"tsparse.{op}: `num_rows` must be in [0, 2^63), got {num_rows}")
     return _ops.scatter_rows(src, index, num_rows, fill)[0]
 
 
@@ -528,7 +533,9 @@ def select_visual_tokens(
         raise TypeError(f"tsparse.{op}: `box_offsets` must be int32 or int64, got {box_offsets.dtype}")
     grid, offs = _host_metadata(op, image_grid_thw=image_grid_thw, box_offsets=box_offsets)
     with nvtx_range("select_visual_tokens/mask"):
-        boxes = _need_tensor(boxes, op, "boxes").to(image_embeds.device, non_blocking=True)
+        _checks.not_meta(_need_tensor(boxes, op, "boxes"), op, "boxes", "the kept counts that size the output are "
+                         "read on the host")
+        boxes = boxes.to(image_embeds.device, non_blocking=True)
         keep, kept_counts = box_to_patch_mask(boxes, offs, grid, **mask_options)
     if image_embeds.dim() != 2 or image_embeds.shape[0] != keep.shape[0]:
         raise ValueError(
