@@ -591,3 +591,31 @@ def test_wrong_typed_scalars_get_a_clear_message():
         fuse_tokens(torch.randn(4, 3), torch.ones(4, dtype=torch.bool), [0, 2.5, 4])
     with pytest.raises(TypeError, match=r"fuse_tokens: `kept_counts` must hold ints"):
         fuse_tokens(torch.randn(4, 3), torch.ones(4, dtype=torch.bool), [0, 4], kept_counts=["4"])
+
+
+# ======================================================================================
+# Found by the hostile sweep (random calls of every public and raw op).
+def test_fake_kernels_check_ranks_and_required_tensors():
+    m = torch.randn((), device="meta")
+    with pytest.raises(ValueError, match=r"tsparse\.row_inv_norms: `x` must be 2-D"):
+        ops.row_inv_norms(m, 1e-8)  # was: IndexError: tuple index out of range
+    with pytest.raises(ValueError, match=r"tsparse\.gather_tokens: `index` must be 1-D"):
+        ops.gather_rows(torch.randn(3, 2, device="meta"), torch.zeros(2, 2, dtype=torch.long, device="meta"), False)
+    with pytest.raises(TypeError, match=r"tsparse\.gather_tokens: `index` must be a tensor, got None"):
+        ops.gather_rows(torch.randn(3, 2, device="meta"), None, False)  # was: AttributeError
+    with pytest.raises(TypeError, match=r"tsparse\.logprobs_backward_: `logits` must be a tensor"):
+        z = torch.zeros(2, device="meta")
+        ops.logprobs_backward_(None, torch.zeros(2, dtype=torch.long, device="meta"), z, z, z, z, None, 1.0)
+
+
+def test_select_visual_tokens_refuses_meta_boxes_by_name():
+    with pytest.raises(ValueError, match=r"select_visual_tokens: `boxes` is a meta tensor"):
+        select_visual_tokens(torch.randn(4, 3), torch.rand(1, 4, device="meta"), torch.tensor([0, 1]),
+                             torch.tensor([[1, 4, 4]]))  # was: Cannot copy out of meta tensor
+
+
+def test_row_counts_beyond_int64_are_named():
+    with pytest.raises(ValueError, match=r"scatter_tokens: `num_rows` must be in \[0, 2\^63\)"):
+        scatter_tokens(torch.randn(1, 2), torch.tensor([0]), 2**64)  # was: "expected int, found int"
+    with pytest.raises(ValueError, match=r"pad_input: `batch` \* `seqlen`"):
+        varlen.pad_input(torch.randn(1, 2), torch.tensor([0]), 2**40, 2**40)
