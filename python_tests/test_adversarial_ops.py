@@ -14,6 +14,9 @@ Plus messages that name the caller's argument, not an internal one, and wrong-ty
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -37,6 +40,8 @@ from tsparse.ops import (
     unpack_varlen,
     varlen,
 )
+
+from conftest import requires_cuda
 
 ops = torch.ops.tsparse
 T, V = 6, 13
@@ -619,3 +624,63 @@ def test_row_counts_beyond_int64_are_named():
         scatter_tokens(torch.randn(1, 2), torch.tensor([0]), 2**64)  # was: "expected int, found int"
     with pytest.raises(ValueError, match=r"pad_input: `batch` \* `seqlen`"):
         varlen.pad_input(torch.randn(1, 2), torch.tensor([0]), 2**40, 2**40)
+
+
+# ======================================================================================
+# CUDA (skipped without a GPU): the same rules on the device, checks without host syncs.
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_max_seqlen_below_the_longest_row_is_a_device_error():
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import torch, tsparse
+        m = torch.ones(2, 8, dtype=torch.bool, device="cuda")
+        torch.cuda.set_sync_debug_mode("error")  # the check itself must not sync
+        p = tsparse.ops.pack_varlen(torch.randn(2, 8, 4, device="cuda"), m, total=16, max_seqlen=3)
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    """)], capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and ("max_seqlen" in out or "device-side assert" in out), out[-2000:]
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("kind", OPS)
+def test_cuda_inplace_rules(kind):
+    tg = _targets("cuda")
+
+    def g(logits, inplace=True):  # the loss on the GPU
+        if kind == "logprobs":
+            return logprobs(logits, tg, inplace_backward=inplace)[0].sum()
+        z = torch.zeros(T, device="cuda", dtype=logits.dtype)
+        return grpo_loss(logits, tg, z, z + 1, torch.ones(T, dtype=torch.bool, device="cuda"),
+                         inplace_backward=inplace).loss
+
+    leaf = torch.randn(T, V, device="cuda", requires_grad=True)
+    before = leaf.detach().clone()
+    g(leaf[:, :]).backward()
+    assert torch.equal(leaf.detach(), before)  # a leaf view: never written
+    w = torch.randn(T, V, device="cuda", requires_grad=True)
+    x = torch.tanh(w)
+    xb = x.detach().clone()
+    g(x).backward()
+    assert torch.equal(x.detach(), xb)  # saved by tanh: never written
+    w2 = w.detach().clone().requires_grad_()
+    g(torch.tanh(w2), inplace=False).backward()
+    torch.testing.assert_close(w.grad, w2.grad, rtol=0, atol=0)
+    y = w.detach() * 2.0
+    y.requires_grad_()
+    z = y * 1.0
+    zb = z.detach().clone()
+    g(z).backward()
+    assert not torch.equal(z.detach(), zb)  # a plain non-leaf: written in place
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_meta_beside_cuda_is_refused():
+    x = torch.randn(5, 3, device="cuda")
+    with pytest.raises(ValueError, match="`index` is on"):
+        ops.gather_rows(x, torch.tensor([0, 1], device="meta"), False)
+    with pytest.raises(ValueError, match="`targets` is on"):
+        ops.logprobs(torch.randn(2, 4, device="cuda"), torch.zeros(2, dtype=torch.long, device="meta"), 1.0, False)

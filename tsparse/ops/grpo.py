@@ -336,7 +336,9 @@ def _exclusive_counts() -> Optional[tuple]:
     observed tensor from an unobserved one (then the in-place backward is never used)."""
 
     def probe(make):
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.disable_saved_tensors_hooks(
+            "tsparse: the in-place backward's alias baseline is measured without saved-tensor hooks"
+        ):
             w = torch.zeros(1, 2, 3, requires_grad=True)
             x, keep = make(w)
             _AliasProbe.apply(x).sum().backward()
@@ -355,6 +357,10 @@ def _exclusive_counts() -> Optional[tuple]:
     if alias == plain or saved == plain or kept_base == view or plain[3] != -1 or view[3] < 0:
         return None  # pragma: no cover
     return plain, view
+
+
+# Measured once at import (like CLAMP_EDGES), outside any user context such as saved-tensor hooks.
+_exclusive_counts()
 
 
 def _unobserved(logits: Tensor) -> bool:
