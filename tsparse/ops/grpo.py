@@ -658,6 +658,8 @@ def _stream_weights(stream_weights, op: str, device: torch.device, acc: torch.dt
     if isinstance(stream_weights, Tensor):
         if stream_weights.dim() != 1 or not stream_weights.dtype.is_floating_point:
             raise ValueError(f"tsparse.{op}: `stream_weights` must be a 1-D floating tensor or a sequence of numbers")
+        if device.type != "meta":
+            _checks.not_meta(stream_weights, op, "stream_weights", "the logits hold data")
         return stream_weights.detach().to(device=device, dtype=acc)
     if isinstance(stream_weights, (str, bytes)) or not hasattr(stream_weights, "__iter__"):
         raise TypeError(
