@@ -501,6 +501,11 @@ def test_seq_mean_token_sum_norm_is_seq_mean_token_sum_over_the_factor():
     a = grpo_loss(logits, **d, loss_agg="seq-mean-token-sum", seq_ids=seq).loss
     b = grpo_loss(logits, **d, loss_agg="seq-mean-token-sum-norm", seq_ids=seq, loss_scale_factor=7).loss
     torch.testing.assert_close(b, a / 7, rtol=1e-14, atol=0)
+    # the fused linear op takes the same mode (same plan)
+    h, w = torch.randn(T, 5, dtype=torch.float64), torch.randn(V, 5, dtype=torch.float64)
+    c = fused_linear_grpo_loss(h, w, **d, loss_agg="seq-mean-token-sum-norm", seq_ids=seq, loss_scale_factor=7).loss
+    e = grpo_loss(h @ w.t(), **d, loss_agg="seq-mean-token-sum-norm", seq_ids=seq, loss_scale_factor=7).loss
+    torch.testing.assert_close(c, e, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="`loss_scale_factor`"):
         grpo_loss(logits, **d, loss_agg="seq-mean-token-sum-norm", seq_ids=seq)
     with pytest.raises(ValueError, match="`loss_scale_factor`"):
