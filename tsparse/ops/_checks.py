@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import re
 from typing import Optional
 
@@ -36,9 +37,9 @@ def need_tensor(value, op: str, arg: str) -> Tensor:
 
 
 def number(value, op: str, arg: str, *, finite: bool = False, minimum: Optional[float] = None) -> float:
-    """``value`` as a float: an int or float (not a bool, a string or a tensor), optionally
-    finite and ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """``value`` as a float: a real number (int, float, numpy scalar; not a bool, a string or a
+    tensor), optionally finite and ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"tsparse.{op}: `{arg}` must be a number, got {type(value).__name__} {value!r}")
     v = float(value)
     if finite and not math.isfinite(v):
