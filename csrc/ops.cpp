@@ -61,7 +61,9 @@ TORCH_LIBRARY(tsparse, m) {
       "Tensor? input_ids, Tensor? position_ids) -> (Tensor indices, Tensor inverse, "
       "Tensor input_ids, Tensor labels, Tensor position_ids)");
   // Packed rows x[indices] (any dtype); differentiable: the backward scatters through `inverse`.
-  m.def("varlen_gather(Tensor x, Tensor indices, Tensor inverse) -> Tensor");
+  // check_inverse: verify that `inverse` inverts `indices` (a caller's maps); pack_varlen and
+  // pack_batch pass False for varlen_pack's own output, which is correct by construction.
+  m.def("varlen_gather(Tensor x, Tensor indices, Tensor inverse, bool check_inverse=True) -> Tensor");
   // ---- GRPO (tsparse/ops/grpo.py) ----
   // One read of logits [T, V] (z = logits / temperature). Per row, in fp32 (fp64 for fp64
   // logits): logp = log_softmax(z)[targets]; row_max = max z; log_norm = log sum exp(z -

@@ -27,7 +27,9 @@ Per kernel (demangled, ``tsparse::cuda::(anonymous namespace)::`` dropped):
             limits of cuda_occupancy.h for CC 9.0 (64 warps, 32 CTAs, 64 K registers in four
             sub-partitions allocated per warp in 256-register units, 228 KB shared memory with
             1 KB reserved per CTA).
-  LDG / STG global loads / stores by width (8/16/32/64/128 bits); LDL / STL local memory (the
+  LDG / STG global loads / stores by width (8/16/32/64/128 bits; generic LD / ST, which the
+            compiler emits when it cannot prove a pointer global, are counted apart and in
+            the load/store order, and a spec asking for 128-bit stores rejects them); LDL / STL local memory (the
             stack: spills or stack arrays) in the kernel and inside loops; MUFU by kind; BSSY and
             BRA counts (divergent control flow).
   loops     found by their back-edges: a BRA whose target label lies at or before it; the body is
@@ -35,9 +37,10 @@ Per kernel (demangled, ``tsparse::cuda::(anonymous namespace)::`` dropped):
             memory are listed; the "hot" loop is the one moving the most 128-bit accesses per
             trip (ties: the largest body).
   instr/trip  instructions on the longest path through one trip of the loop (head to back-edge,
-            forward branches followed, the longer side of an if/else taken): the whole body when
-            it is branch-free, and what one trip executes at most when the body holds two
-            versions of a computation (JSON: body_instr is the plain body count).
+            forward branches followed, the longer side of an if/else taken, paths into a failure
+            call left out): the whole body when it is branch-free, and what one trip executes at
+            most when the body holds two versions of a computation (JSON: body_instr is the
+            plain body count).
   instr/elem  instructions per trip / elements per trip, where elements per trip =
             (128-bit global loads in the body x 16 B) / element size - or the 128-bit stores
             when the loop loads nothing that wide (a store-only zero fill). The element size is
@@ -141,7 +144,8 @@ class Loop:
     head: int           # address of the loop's label
     end: int            # address of its last back-edge
     label: str
-    src: Optional[str] = None
+    src: Optional[str] = None     # "file.cu:line"
+    code: Optional[str] = None    # that line's text, when the source is here
     stats: dict = field(default_factory=dict)
     innermost: bool = True
 
@@ -209,31 +213,124 @@ def _project_file(path: str) -> bool:
     return "/csrc/" in path.replace(os.sep, "/") or not os.path.isabs(path)
 
 
-def loop_source(instrs: list[Instr], lp: Loop) -> Optional[str]:
-    """'file.cu:line' of a loop: its back-edge's source line when that is tsparse's own code, else
+def loop_source(instrs: list[Instr], lp: Loop) -> Optional[tuple[str, int]]:
+    """(file, line) of a loop: its back-edge's source line when that is tsparse's own code, else
     the last line of tsparse's code in the body (a back-edge inlined from a CUDA header)."""
     body = [i for i in instrs if lp.head <= i.addr <= lp.end and i.src]
     for ins in reversed(body):
         if _project_file(ins.src[0]):
-            return f"{os.path.basename(ins.src[0])}:{ins.src[1]}"
-    if body:
-        return f"{os.path.basename(body[-1].src[0])}:{body[-1].src[1]}"
-    return None
+            return ins.src
+    return body[-1].src if body else None
+
+
+_SOURCE_CACHE: dict[str, Optional[list[str]]] = {}
+
+
+def source_line(path: str, line: int) -> Optional[str]:
+    """The text of a source line named by the line info (None when the file is not here: an
+    extension built elsewhere). Paths are tried as recorded, then under this repository."""
+    if path not in _SOURCE_CACHE:
+        lines = None
+        cands = [path]
+        if "/csrc/" in path:
+            cands.append(os.path.join(ROOT, "csrc", path.split("/csrc/", 1)[1]))
+        for cand in cands:
+            try:
+                with open(cand, encoding="utf-8", errors="replace") as f:
+                    lines = f.read().splitlines()
+                break
+            except OSError:
+                continue
+        _SOURCE_CACHE[path] = lines
+    lines = _SOURCE_CACHE[path]
+    if lines is None or not 1 <= line <= len(lines):
+        return None
+    return lines[line - 1].strip()
+
+
+_BRANCH = ("BRA", "JMP", "BRX")
+_ENDS = ("EXIT", "RET", "BRX", "JMP")
+
+
+def dominators(instrs: list[Instr], labels: dict[str, int]) -> tuple[list[int], list[set[int]]]:
+    """Basic blocks of a function (the index of each instruction's block) and each block's
+    dominators. Every block without a predecessor (the entry, the local subroutines that CALL
+    reaches) hangs off one virtual root, so a block dominated only through the root is dominated
+    by no real block."""
+    n = len(instrs)
+    targets = {a for a in labels.values()}
+    lead = [False] * n
+    for k, ins in enumerate(instrs):
+        if k == 0 or ins.addr in targets:
+            lead[k] = True
+        if ins.base in _BRANCH or ins.base in _ENDS:
+            if k + 1 < n:
+                lead[k + 1] = True
+    block_of, starts = [0] * n, []
+    for k in range(n):
+        if lead[k]:
+            starts.append(k)
+        block_of[k] = len(starts) - 1
+    index = {ins.addr: k for k, ins in enumerate(instrs)}
+    nb = len(starts)
+    succ: list[set[int]] = [set() for _ in range(nb)]
+    for b in range(nb):
+        last = (starts[b + 1] if b + 1 < nb else n) - 1
+        ins = instrs[last]
+        falls = True
+        if ins.base in _BRANCH:
+            t = _TARGET.search(ins.args)
+            if t and t.group(1) in labels and labels[t.group(1)] in index:
+                succ[b].add(block_of[index[labels[t.group(1)]]])
+            # unconditional: no predicate, no predicate operand (`BRA P1, target`), not BRA.DIV
+            falls = bool(ins.pred) or "," in ins.args.split("`")[0] or ".DIV" in ins.op or ins.base != "BRA"
+            if ins.base in ("JMP", "BRX"):
+                falls = bool(ins.pred)
+        elif ins.base in ("EXIT", "RET"):
+            falls = bool(ins.pred)
+        if falls and b + 1 < nb:
+            succ[b].add(b + 1)
+    preds: list[set[int]] = [set() for _ in range(nb)]
+    for b in range(nb):
+        for c in succ[b]:
+            preds[c].add(b)
+    root = nb  # virtual
+    roots = {b for b in range(nb) if not preds[b]} | {0}
+    full = set(range(nb + 1))
+    dom: list[set[int]] = [set(full) for _ in range(nb)]
+    for b in roots:
+        dom[b] = {b, root}
+    changed = True
+    while changed:
+        changed = False
+        for b in range(nb):
+            if b in roots:
+                continue
+            ps = [dom[p] for p in preds[b]]
+            new = set.intersection(*ps) | {b} if ps else {b, root}
+            if new != dom[b]:
+                dom[b], changed = new, True
+    return block_of, dom
 
 
 def find_loops(instrs: list[Instr], labels: dict[str, int]) -> list[Loop]:
-    """Loops by back-edge: a branch to a label at or before the branch. Back-edges to the same
-    label merge into one loop [label, last back-edge]; a loop with no other loop inside is
-    innermost."""
+    """Loops by back-edge: a branch to a label at or before the branch whose block that label's
+    block dominates (a natural loop; the out-of-line fallback of a divergent shuffle, BRA.DIV,
+    jumps back into the main code without being a loop). Back-edges to the same label merge into
+    one loop [label, last back-edge]; a loop with no other loop inside is innermost."""
     by_head: dict[int, Loop] = {}
-    for ins in instrs:
-        if ins.base not in ("BRA", "JMP", "BRX"):
+    index = {ins.addr: k for k, ins in enumerate(instrs)}
+    block_of, dom = dominators(instrs, labels) if instrs else ([], [])
+    for k, ins in enumerate(instrs):
+        if ins.base not in _BRANCH:
             continue
         t = _TARGET.search(ins.args)
         if not t or t.group(1) not in labels:
             continue
         head = labels[t.group(1)]
-        if head > ins.addr:
+        if head > ins.addr or head not in index:
+            continue
+        if block_of[index[head]] not in dom[block_of[k]]:
             continue
         lp = by_head.get(head)
         if lp is None:
@@ -242,7 +339,10 @@ def find_loops(instrs: list[Instr], labels: dict[str, int]) -> list[Loop]:
             lp.end = ins.addr
     loops = sorted(by_head.values(), key=lambda lp: (lp.head, -lp.end))
     for lp in loops:
-        lp.src = loop_source(instrs, lp)
+        where = loop_source(instrs, lp)
+        if where:
+            lp.src = f"{os.path.basename(where[0])}:{where[1]}"
+            lp.code = source_line(where[0], where[1])
     for lp in loops:
         lp.innermost = not any(lp.contains(o) for o in loops)
     return loops
@@ -250,7 +350,7 @@ def find_loops(instrs: list[Instr], labels: dict[str, int]) -> list[Loop]:
 
 def count(instrs: Iterable[Instr]) -> dict:
     """Counts of what a stretch of SASS does (the same keys for a kernel and for a loop body)."""
-    c = {"instr": 0, "ldg": {}, "stg": {}, "atom": 0, "lds": 0, "sts": 0, "ldl": 0, "stl": 0,
+    c = {"instr": 0, "ldg": {}, "stg": {}, "ld": {}, "st": {}, "atom": 0, "lds": 0, "sts": 0, "ldl": 0, "stl": 0,
          "mufu": {}, "bssy": 0, "bra": 0, "bar": 0, "first_stg": None, "last_ldg": None}
     for i, ins in enumerate(instrs):
         b = ins.base
@@ -265,6 +365,14 @@ def count(instrs: Iterable[Instr]) -> dict:
             w = str(access_width(ins.op))
             c["stg"][w] = c["stg"].get(w, 0) + 1
             if c["first_stg"] is None:
+                c["first_stg"] = c["instr"]
+        elif b in ("LD", "ST"):  # generic-address accesses (the compiler lost the global space)
+            w = str(access_width(ins.op))
+            key = b.lower()
+            c[key][w] = c[key].get(w, 0) + 1
+            if b == "LD":
+                c["last_ldg"] = c["instr"]
+            elif c["first_stg"] is None:
                 c["first_stg"] = c["instr"]
         elif b in ("ATOMG", "RED", "REDG", "ATOM"):
             c["atom"] += 1
@@ -329,9 +437,10 @@ def element_bytes(name: str) -> Optional[int]:
 def longest_path(body: list[Instr], head: int, labels: dict[str, int]) -> list[Instr]:
     """The instructions of the longest path through one trip of an innermost loop: from its head
     to a back-edge, following fall-throughs and forward branches inside the body (a branch out of
-    the body or an EXIT ends a path that does not trip again). For a branch-free body this is the
-    whole body; with an if/else inside (e.g. two versions of an element computation) it takes the
-    longer side instead of both, so it is what one trip executes at most."""
+    the body, an EXIT or a CALL - tsparse calls only its noinline failure reporters, which trap -
+    ends a path that does not trip again). For a branch-free body this is the whole body; with an
+    if/else inside (e.g. two versions of an element computation) it takes the longer side instead
+    of both, so it is what one trip executes at most."""
     n = len(body)
     index = {ins.addr: k for k, ins in enumerate(body)}
     best: list[Optional[tuple[int, int]]] = [None] * n   # (instructions so far, predecessor index)
@@ -353,6 +462,10 @@ def longest_path(body: list[Instr], head: int, labels: dict[str, int]) -> list[I
             if ins.pred:
                 succ.append(k + 1)
         elif b in ("EXIT", "RET", "BRX"):
+            if ins.pred:
+                succ.append(k + 1)
+        elif b == "CALL":
+            # a call inside a tsparse loop is a failure reporter (printf, then trap): not a trip
             if ins.pred:
                 succ.append(k + 1)
         else:
@@ -426,6 +539,7 @@ class Kernel:
     totals: dict = field(default_factory=dict)
     loops: list = field(default_factory=list)   # innermost loops touching global memory
     hot: Optional[dict] = None
+    hot_from: str = "heuristic"                  # or "spec (<family>)": sass_spec names the loop
     main: dict = field(default_factory=dict)      # load/store order on the main path
     ldl_stl_in_loops: int = 0
     elem_bytes: Optional[int] = None
@@ -457,7 +571,7 @@ def analyze_function(name: str, mangled: str, cubin: str, instrs: list[Instr], l
         st = loop_stats(instrs, lp, k.elem_bytes, labels)
         if not st["ldg"] and not st["stg"]:
             continue
-        k.loops.append({"label": lp.label, "src": lp.src, "head": lp.head, "end": lp.end, **st})
+        k.loops.append({"label": lp.label, "src": lp.src, "code": lp.code, "head": lp.head, "end": lp.end, **st})
     if k.loops:
         # streaming loops first (128-bit loads), then 128-bit stores (a zero fill), then any access
         def weight(lp):
@@ -469,21 +583,21 @@ def analyze_function(name: str, mangled: str, cubin: str, instrs: list[Instr], l
 
 
 def main_path_stats(instrs: list[Instr], loops: list[Loop]) -> dict:
-    """Load/store order on the kernel's main path: the body of its outermost loop that stores to
-    global memory (one trip of a grid-stride or chunk loop, nested loops included), or, when no
-    loop stores, the code outside every loop. Failure subroutines are left out."""
+    """Load/store order on the kernel's main path: the code outside every loop when it stores to
+    global memory (a one-thread-per-item kernel; a rare fallback loop stays out), else the body
+    of the first outermost loop that stores (one trip of a grid-stride or chunk loop, nested
+    loops included). Failure subroutines are left out."""
     main = [i for i in instrs if not i.sub]
-    outer = [lp for lp in loops if not any(o.contains(lp) for o in loops)]
-    for lp in outer:
-        body = [i for i in main if lp.head <= i.addr <= lp.end]
-        if any(i.base == "STG" for i in body):
-            c = count(body)
-            scope = f"loop {lp.src or lp.label}"
-            break
-    else:
-        body = [i for i in main if not any(lp.head <= i.addr <= lp.end for lp in loops)]
-        c = count(body)
-        scope = "outside loops"
+    stores = ("STG", "ST")
+    flat = [i for i in main if not any(lp.head <= i.addr <= lp.end for lp in loops)]
+    body, scope = flat, "outside loops"
+    if not any(i.base in stores for i in flat):
+        for lp in (lp for lp in loops if not any(o.contains(lp) for o in loops)):
+            inside = [i for i in main if lp.head <= i.addr <= lp.end]
+            if any(i.base in stores for i in inside):
+                body, scope = inside, f"loop {lp.src or lp.label}"
+                break
+    c = count(body)
     return {"scope": scope, "instr": c["instr"], "ldg": c["ldg"], "stg": c["stg"],
             "loads_before_stores": c["first_stg"] is None or c["last_ldg"] is None or c["last_ldg"] < c["first_stg"]}
 
@@ -563,16 +677,20 @@ def parse_res_usage(text: str) -> dict[str, dict[str, int]]:
 def analyze(lib: Optional[str] = None, name_filter: Optional[str] = None) -> list[Kernel]:
     lib = lib or find_extension()
     cuobjdump, nvdisasm = find_tool("cuobjdump"), find_tool("nvdisasm")
-    listing = subprocess.run([cuobjdump, "-lelf", lib], capture_output=True, text=True)
-    cubins = re.findall(r"ELF file\s+\d+:\s+(\S+\.cubin)", listing.stdout)
+    if lib.endswith(".cubin"):  # one compiled translation unit (nvcc -cubin): a quick look while editing
+        cubins = [lib]
+    else:
+        listing = subprocess.run([cuobjdump, "-lelf", lib], capture_output=True, text=True)
+        cubins = re.findall(r"ELF file\s+\d+:\s+(\S+\.cubin)", listing.stdout)
     if not cubins:
         raise ReportError(f"{os.path.basename(lib)} has no CUDA device code (built without CUDA: "
                           "TSPARSE_CUDA=0 or a CPU-only torch); nothing to report")
     kernels: list[Kernel] = []
     with tempfile.TemporaryDirectory(prefix="tsparse_sass_") as tmp:
-        _run([cuobjdump, "-xelf", "all", os.path.abspath(lib)], cwd=tmp)
+        if not lib.endswith(".cubin"):
+            _run([cuobjdump, "-xelf", "all", os.path.abspath(lib)], cwd=tmp)
         for cubin in cubins:
-            path = os.path.join(tmp, cubin)
+            path = cubin if lib.endswith(".cubin") else os.path.join(tmp, cubin)
             if not os.path.exists(path):
                 raise ReportError(f"cuobjdump did not extract {cubin} from {lib}")
             res = parse_res_usage(_run([cuobjdump, "-res-usage", path]))
@@ -585,10 +703,27 @@ def analyze(lib: Optional[str] = None, name_filter: Optional[str] = None) -> lis
                 name = short_name(full)
                 if name_filter and not re.search(name_filter, name):
                     continue
-                kernels.append(analyze_function(name, mangled, cubin.split(".")[0], instrs, labels[mangled],
+                kernels.append(analyze_function(name, mangled, os.path.basename(cubin).split(".")[0], instrs, labels[mangled],
                                                 info.get(mangled, {}), res.get(mangled, {})))
+    _hot_from_spec(kernels)
     kernels.sort(key=lambda k: (k.cubin, k.name))
     return kernels
+
+
+def _hot_from_spec(kernels: list[Kernel]) -> None:
+    """A family of profiling/sass_spec.py may name its hot loop (hot_loop: a regex on the loop's
+    source line); the report then shows that loop instead of its own pick."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import sass_spec
+
+    for k in kernels:
+        for fam in sass_spec.families_for(k.name):
+            if fam.hot_loop:
+                named = [lp for lp in k.loops if lp.get("code") and re.search(fam.hot_loop, lp["code"])]
+                if named:
+                    k.hot = named[0]
+                    k.hot_from = f"spec ({fam.name})"
+                break
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,7 +767,7 @@ def table(kernels: list[Kernel], loops: bool = False) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--lib", help="the extension to read (default: the newest tsparse/_C*.so)")
+    p.add_argument("--lib", help="the extension to read (default: the newest tsparse/_C*.so), or one .cubin")
     p.add_argument("--filter", help="regex on the kernel name")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--loops", action="store_true", help="list every innermost loop that touches global memory")

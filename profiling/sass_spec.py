@@ -15,13 +15,16 @@ Properties (a family checks those it sets):
                in a hot loop). Always checked.
   wide_loads   the hot loop's global loads are 128-bit, except at most ``narrow_per_wide``
                narrower loads (indices) per 128-bit load.
-  wide_stores  every global store of the kernel's main body is 128-bit (the failure
-               subroutines are left out).
+  wide_stores  every global store of the kernel's main body is a 128-bit STG (no narrower
+               STG, no generic ST; the failure subroutines are left out).
   hot_order    in one trip of the hot loop, every global load is issued before the first store.
   main_order   the same on the kernel's main path (one trip of the outermost storing loop, or the
                straight-line code when nothing loops; see sass_report.main_path_stats).
   max_ipe      the hot loop's SASS instructions per element (see sass_report for how elements
                per trip are derived) must not exceed this.
+The hot loop is the report's (the innermost loop with the most 128-bit loads per trip) unless
+``hot_loop`` names it: a regex searched in the source text of each loop's back-edge line (the
+report reads it through the line info), e.g. ``r"i < end"`` for ``for (...; i < end; ++i)``.
 
 A property the kernel does not meet YET goes in ``gaps`` with the measured "before" value and
 the step that fixes it: its test is an expected failure (``xfail(strict=True)``), so it starts
@@ -54,6 +57,7 @@ class Family:
     hot_order: bool = False
     main_order: bool = False
     max_ipe: Optional[float] = None
+    hot_loop: Optional[str] = None   # regex on the hot loop's source line (default: the report's pick)
     gaps: dict = field(default_factory=dict)   # property -> "before: ...; fixed by ..."
 
     def checked(self) -> list[str]:
@@ -76,47 +80,54 @@ FAMILIES: list[Family] = [
     Family(
         "row copy 16 B", r"^compose_copy_kernel<uint4, ",
         "gather / scatter / unique-index gather backward: bf16 rows of D = 3584 move as 16-byte units, "
-        "4 in flight per lane; 4 CTAs of 256 threads = 64 KB in flight per SM (anchors: 32-128 KB)",
-        block=256, min_ctas=4, wide_loads=True, wide_stores=True, hot_order=True),
+        "4 in flight per lane, all 4 loads before the stores; 4 CTAs of 256 threads = 64 KB in flight per "
+        "SM (anchors: 32-128 KB); 32-bit in-row offsets: one IMAD.WIDE.U32 per access, <= 32 instructions "
+        "per 64-byte lane trip (the 64-bit offsets of the first build took 88: 2.75 per bf16 element)",
+        block=256, min_ctas=4, wide_loads=True, wide_stores=True, hot_order=True, max_ipe=1.0),
     Family(
         "row copy, any width", r"^compose_copy_kernel<",
         "the narrower units (8/4/2/1 B) of the same copy: sliced or odd-width rows",
         block=256, min_ctas=4),
     Family(
         "scaled rows 16 B", rf"^compose_scaled_kernel<{_VEC16}, ",
-        "token-fusion backward: out[r] = src[map[r]] * scale; a 16-byte load, fp32 scale, a 16-byte store",
-        block=256, min_ctas=4, wide_loads=True, wide_stores=True, hot_order=True,
-        gaps={"wide_stores": "before: each 16-byte store split into four 32-bit STG.E "
-                             "(bf16: 20 STG.E + 3 STG.E.128 in the kernel); fixed by step 4 of issue 12"}),
+        "token-fusion backward: out[r] = src[map[r]] * scale; 16-byte loads, fp32 scale, each 16-byte result "
+        "built as one uint4 and stored by one STG.E.128 (the first build split it into four 32-bit STG.E)",
+        block=256, min_ctas=4, wide_loads=True, wide_stores=True, hot_order=True),
     Family(
-        "segment reduce 16 B", rf"^segment_reduce_kernel<{_VEC16}>",
+        "segment reduce 16 B", rf"^segment_(reduce|pieces)_kernel<{_VEC16}, ",
         "fusion pooling / non-unique gather backward: fp32 sums of 16-byte packs over a segment's members, "
-        "one int64 member index per pack",
+        "one int64 member index per pack, 4 members' indices checked together and their packs loaded "
+        "before any is added; long segments summed in pieces by many CTAs (segment_plan.h); 16-byte results "
+        "and fp32 partials stored as whole uint4s",
         block=256, min_ctas=4, wide_loads=True, narrow_per_wide=1.0, wide_stores=True,
-        gaps={"wide_stores": "before: the 16-byte result stored as four 32-bit STG.E; fixed by step 4 of issue 12"}),
+        hot_loop=r"i \+ M <= i1"),
     Family(
         "row norms 16 B", rf"^row_inv_norms_kernel<{_VEC16}>",
         "fusion similarity: one warp per row, 16-byte loads, a shuffle reduction",
         block=256, min_ctas=4, wide_loads=True),
     Family(
-        "row kernels, any width", r"^(compose_scaled|segment_reduce|row_inv_norms|build_inverse)_kernel<",
+        "row kernels, any width",
+        r"^(compose_scaled|segment_reduce|segment_pieces|row_inv_norms|build_inverse)_kernel<",
         "every instantiation: the launch bound the launchers use, no local memory in a loop",
         block=256, min_ctas=4),
     Family(
         "box mask", r"^box_mask_kernel",
         "one CTA of 256 threads per image; boxes staged in shared memory",
         block=256, min_ctas=2),
+    Family(
+        "box plan", r"^box_plan_kernel<",
+        "the per-image table planned on the device when the metadata lives on the GPU: one block",
+        block=1024, min_ctas=1),
     # ---- varlen (csrc/cuda/varlen_kernels.cu) ------------------------------------------------------
     Family(
         "varlen pack", r"^pack_kernel<",
-        "one thread per token: mask, keep, ids and position rows read, then indices / inverse / ids / "
-        "labels / positions written; a memory-level-parallel design issues every load before the first store",
-        block=512, min_ctas=2, main_order=True,
-        gaps={"main_order": "before: LDG -> STG -> LDG in each chunk (non-restrict outputs; the position "
-                            "rows loaded after the index stores); fixed by step 4 of issue 12"}),
+        "a (chunks, B) grid, one thread per token: mask, keep, id and up to 4 position rows read, then "
+        "indices / inverse / ids / labels / positions written; every load is issued before the first store "
+        "(restrict-qualified locals; the first build loaded the position rows after the index stores)",
+        block=512, min_ctas=2, main_order=True),
     Family(
-        "varlen counts", r"^(seqlens_kernel<|scan_kernel)",
-        "per-row counts (512 threads) and the single-block scan (1024 threads)",
+        "varlen counts", r"^(seqlens_kernel<|chunk_counts_kernel<|scan_kernel)",
+        "per-row and per-chunk counts (512 threads) and the single-block scan (1024 threads)",
         min_ctas=1),
     # ---- GRPO (csrc/cuda/grpo_kernels.cu): rows are added with the GRPO work of issue 12 -----------
 ]
@@ -126,7 +137,12 @@ def families_for(name: str) -> list[Family]:
     return [f for f in FAMILIES if re.search(f.pattern, name)]
 
 
-def _hot(k):
+def _hot(k, family: Optional[Family] = None):
+    if family is not None and family.hot_loop:
+        for lp in k.loops:
+            if lp.get("code") and re.search(family.hot_loop, lp["code"]):
+                return lp
+        return None
     return k.hot if isinstance(k.hot, dict) else None
 
 
@@ -138,7 +154,11 @@ def check(family: Family, prop: str, kernels: list) -> tuple[bool, str]:
         return False, f"no kernel matches {family.pattern!r} (renamed or not built?)"
     bad = []
     for k in ks:
-        hot = _hot(k)
+        hot = _hot(k, family)
+        if prop in ("wide_loads", "hot_order", "max_ipe") and hot is None:
+            bad.append(f"{k.name}: no hot loop" + (f" whose source line matches {family.hot_loop!r}"
+                                                   if family.hot_loop else " (no loop touches global memory)"))
+            continue
         if prop == "block":
             if k.block != family.block:
                 bad.append(f"{k.name}: __launch_bounds__ {k.block}, launcher uses {family.block}")
@@ -161,8 +181,10 @@ def check(family: Family, prop: str, kernels: list) -> tuple[bool, str]:
                     bad.append(f"{k.name}: {narrow} narrow loads per {wide} 128-bit loads in the loop at {hot['src']}")
         elif prop == "wide_stores":
             narrow = {w: v for w, v in k.totals["stg"].items() if w != "128" and v}
-            if narrow or not k.totals["stg"].get("128"):
-                bad.append(f"{k.name}: global stores by width {k.totals['stg']} (want only 128-bit)")
+            generic = k.totals.get("st") or {}
+            if narrow or generic or not k.totals["stg"].get("128"):
+                bad.append(f"{k.name}: global stores by width {k.totals['stg']}"
+                           f"{f', generic stores {generic}' if generic else ''} (want only 128-bit STG)")
         elif prop == "hot_order":
             if hot is None or not hot["loads_before_stores"]:
                 bad.append(f"{k.name}: a load follows a store in the hot loop ({hot and hot['src']})")

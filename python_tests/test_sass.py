@@ -210,6 +210,39 @@ def test_per_trip_count_follows_the_longest_path_not_both_sides_of_a_branch():
     assert [i.addr for i in path] == [0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0xA0, 0xB0, 0xC0, 0xD0, 0xE0]
 
 
+DIVERGENT = r"""
+//--------------------- .text._Z1hPf --------------------------
+	.section	.text._Z1hPf,"ax",@progbits
+_Z1hPf:
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_x_1:
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   ISETP.GE.AND P0, PT, R0, R2, PT ;
+        /*0030*/              @!P0 BRA `(.L_x_1) ;
+        /*0040*/                   BRA.DIV UR4, `(.L_x_9) ;
+.L_x_2:
+        /*0050*/                   SHFL.BFLY PT, R3, R2, 0x10, 0x1f ;
+.L_x_3:
+        /*0060*/                   STG.E desc[UR4][R4.64], R3 ;
+        /*0070*/                   EXIT ;
+.L_x_9:
+        /*0080*/                   WARPSYNC.ALL ;
+        /*0090*/                   SHFL.BFLY PT, R3, R2, 0x10, 0x1f ;
+        /*00a0*/                   BRA `(.L_x_3) ;
+"""
+
+
+def test_a_divergence_fallback_that_jumps_back_is_not_a_loop():
+    # BRA.DIV's out-of-line path rejoins the main code with a backward BRA; .L_x_3 does not
+    # dominate it (it is reached from .L_x_9 without passing .L_x_3), so it is no loop. The
+    # .L_x_1 back-edge is a real one.
+    code, _, labels = sass_report.parse_functions(DIVERGENT)
+    loops = sass_report.find_loops(code["_Z1hPf"], labels["_Z1hPf"])
+    assert [(lp.label, lp.head, lp.end) for lp in loops] == [(".L_x_1", 0x10, 0x30)]
+    main = sass_report.main_path_stats(code["_Z1hPf"], loops)
+    assert main["scope"] == "outside loops" and main["stg"] == {"32": 1} and main["loads_before_stores"]
+
+
 def test_loads_after_a_store_are_flagged():
     text = CANNED.replace("        /*00b0*/                   STG.E desc[UR4][R10.64], R17 ;",
                           "        /*00b0*/                   LDG.E R18, desc[UR4][R10.64] ;")
@@ -342,9 +375,13 @@ def test_kernel_spec(kernels, family, prop):
 
 def test_every_kernel_is_found_and_has_its_launch_bound(kernels):
     names = {k.name for k in kernels}
-    for want in ("compose_copy_kernel<uint4, long>", "pack_kernel<bool>", "box_mask_kernel"):
+    for want in ("compose_copy_kernel<uint4, long, unsigned int>", "pack_kernel<bool>", "box_mask_kernel",
+                 "segment_reduce_kernel<__nv_bfloat16, 8, unsigned int>"):
         assert want in names
     assert all(k.block for k in kernels), [k.name for k in kernels if not k.block]
+    # the spec names the segment reduction's member loop as its hot loop (not the piece loop)
+    seg = next(k for k in kernels if k.name == "segment_reduce_kernel<__nv_bfloat16, 8, unsigned int>")
+    assert seg.hot_from.startswith("spec") and "i + M <= i1" in seg.hot["code"]
 
 
 def test_report_json_has_every_kernel(kernels, capsys):

@@ -855,3 +855,91 @@ def test_nvtx_ranges_wrap_ops_when_enabled():
     from tsparse.ops import gather_tokens as g
 
     assert not hasattr(g, "__wrapped__")  # disabled by default: no wrapper at all
+
+
+# --------------------------------------------------------------------------------------
+# The row kernels' shared order and paths (issue 12 step 4): the CPU and CUDA kernels sum long
+# segments in the same pieces (tsparse/segment_plan.h), so both must equal this piecewise sum
+# bit for bit; the CUDA run of these tests is the CPU == CUDA check.
+SEGMENT_PIECE = 32  # kSegmentPiece
+
+
+def _piecewise_segment_sum(x, perm, offsets, mean):
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs = x.cpu().to(acc_dtype)
+    perm, offsets = perm.cpu().tolist(), offsets.cpu().tolist()
+    out = torch.zeros(len(offsets) - 1, x.shape[1], dtype=acc_dtype)
+    for r in range(len(offsets) - 1):
+        beg, end = offsets[r], offsets[r + 1]
+        acc = torch.zeros(x.shape[1], dtype=acc_dtype)
+        if end - beg <= SEGMENT_PIECE:
+            for i in range(beg, end):
+                acc = acc + xs[perm[i]]
+        else:
+            i = beg
+            while i < end:  # pieces cut at multiples of the piece size in perm positions
+                j = min(end, (i // SEGMENT_PIECE + 1) * SEGMENT_PIECE)
+                part = torch.zeros(x.shape[1], dtype=acc_dtype)
+                for m in range(i, j):
+                    part = part + xs[perm[m]]
+                acc = acc + part
+                i = j
+        if mean and end > beg:
+            acc = acc * (torch.ones((), dtype=acc_dtype) / (end - beg))
+        out[r] = acc
+    return out.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+@pytest.mark.parametrize("cols", [64, 24, 7])  # 16-byte packs (64, and 24 for fp32/fp64) and the element path
+def test_segment_reduce_long_segments_in_the_shared_piece_order(device, dtype, cols):
+    lengths = [0, 1, 31, 32, 33, 64, 65, 70, 0, 500, 3, 97]  # around and far past the piece size
+    first = 5  # perm positions before the first segment are unused: pieces follow perm positions
+    n_src = 40
+    total = first + sum(lengths)
+    perm = torch.randint(0, n_src, (total,), device=device)
+    offsets = torch.tensor([first] + [first + sum(lengths[: k + 1]) for k in range(len(lengths))], device=device)
+    wide = torch.randn(n_src, cols + 8, device=device).to(dtype)
+    x = wide[:, :cols]  # a row stride that is not the width
+    for mean in (False, True):
+        out = torch.ops.tsparse.segment_reduce_rows(x, perm, offsets, mean)
+        assert torch.equal(out.cpu(), _piecewise_segment_sum(x, perm, offsets, mean)), (dtype, cols, mean)
+
+
+def test_non_unique_gather_backward_sums_long_duplicate_runs(device):
+    # gather_tokens with unique_index=False: the backward is a segment sum per source row; a row
+    # gathered 300 times is one long segment, summed in pieces
+    x = torch.randn(6, 40, device=device, dtype=torch.float32, requires_grad=True)
+    idx = torch.tensor([3] * 300 + [1, 4, 4] + [0] * 33, device=device)
+    y = gather_tokens(x, idx, unique_index=False)
+    g = torch.randn_like(y)
+    y.backward(g)
+    expect = torch.zeros(6, 40, dtype=torch.float64)
+    expect.index_add_(0, idx.cpu(), g.double().cpu())
+    torch.testing.assert_close(x.grad.double().cpu(), expect, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+@pytest.mark.parametrize("cols", [264, 24, 7])  # 33 packs of bf16 (a partial trip of 4 x 32 lanes), short, odd
+def test_scaled_rows_match_their_formula_bitwise(device, dtype, cols):
+    # compose_rows with row_scale (the token-fusion backward): out[r] = src[map[r]] * scale, fp32 math
+    src = torch.randn(50, cols, device=device).to(dtype)
+    row_map = torch.randint(-1, 50, (70,), device=device)
+    scale = torch.rand(50, device=device)
+    out = torch.ops.tsparse.compose_rows(src, row_map, None, scale)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    m = row_map.cpu()
+    expect = (src.cpu().to(acc)[m.clamp(min=0)] * scale.cpu().to(acc)[m.clamp(min=0)][:, None]).to(dtype)
+    expect[m < 0] = 0
+    assert torch.equal(out.cpu(), expect)
+
+
+@pytest.mark.parametrize("cols", [3592, 3584, 264, 9])  # bf16: 449 / 448 / 33 units of 16 B, and 2-byte units
+def test_gather_and_scatter_rows_with_partial_trips(device, cols):
+    x = torch.randn(300, cols, device=device).to(torch.bfloat16)
+    idx = torch.randperm(300, device=device)[:211]
+    assert torch.equal(gather_tokens(x, idx), x[idx])
+    out = scatter_tokens(x[idx], idx, 300, fill=torch.zeros_like(x))
+    expect = torch.zeros_like(x)
+    expect[idx] = x[idx]
+    assert torch.equal(out, expect)

@@ -103,3 +103,65 @@ def test_cuda_matches_cpu_bitwise_for_masks_and_copies():
     k_cpu, c_cpu = box_to_patch_mask(boxes, offsets, grid, margin=0.5)
     k_gpu, c_gpu = box_to_patch_mask(boxes.cuda(), offsets, grid, margin=0.5)
     assert torch.equal(k_cpu, k_gpu.cpu()) and torch.equal(c_cpu, c_gpu.cpu())
+
+
+# ---- issue 12 step 4: box_to_patch_mask plans without a host sync wherever its metadata lives
+@pytest.mark.parametrize("meta_on_gpu", [(False, False), (True, True), (True, False), (False, True)])
+def test_box_mask_makes_no_host_sync_and_matches_cpu(meta_on_gpu):
+    grid = torch.tensor([[1, 72, 72], [2, 36, 48], [1, 16, 16]] * 40)
+    n_img = grid.shape[0]
+    boxes = torch.rand(2 * n_img, 4) * 0.5
+    boxes[:, 2:] += 0.5
+    offsets = torch.arange(0, 2 * n_img + 1, 2)
+    keep_cpu, counts_cpu = box_to_patch_mask(boxes, offsets, grid, margin=0.5)
+    g = grid.cuda() if meta_on_gpu[0] else grid
+    o = offsets.cuda() if meta_on_gpu[1] else offsets
+    b = boxes.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        keep, counts = torch.ops.tsparse.box_to_patch_mask(b, o, g, int(keep_cpu.numel()), False, 14, 2, 0.5, 0.0, True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(keep.cpu(), keep_cpu) and torch.equal(counts.cpu(), counts_cpu)
+
+
+@pytest.mark.parametrize("case", ["grid", "offsets", "tokens"])
+def test_box_mask_bad_gpu_metadata_is_a_device_error(case):
+    grid = "[[1, 4, 4], [1, 4, 3]]" if case == "grid" else "[[1, 4, 4], [1, 4, 4]]"
+    offs = "[0, 2, 1]" if case == "offsets" else "[0, 1, 2]"
+    tokens = 9 if case == "tokens" else 8
+    r = _run_child(f"""
+        import torch, tsparse
+        boxes = torch.rand(2, 4, device="cuda") * 0.5
+        g = torch.tensor({grid}, device="cuda")
+        o = torch.tensor({offs}, device="cuda")
+        torch.ops.tsparse.box_to_patch_mask(boxes, o, g, {tokens}, False, 14, 2, 0.0, 0.0, True)
+        torch.cuda.synchronize()
+    """)
+    assert r.returncode != 0 and "box_to_patch_mask" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
+
+
+def test_segment_reduce_long_segment_on_cuda_equals_cpu_bitwise():
+    # one 5000-member segment (a uniform background sent to one kept token) next to short ones:
+    # summed in 157 pieces by many CTAs on CUDA, in the same order on the CPU
+    x = torch.randn(800, 3584).to(torch.bfloat16)
+    lengths = [5000, 1, 2, 40, 0, 7]
+    perm = torch.randint(0, 800, (sum(lengths),))
+    offsets = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    for mean in (True, False):
+        cpu = torch.ops.tsparse.segment_reduce_rows(x, perm, offsets, mean)
+        gpu = torch.ops.tsparse.segment_reduce_rows(x.cuda(), perm.cuda(), offsets.cuda(), mean)
+        assert torch.equal(gpu.cpu(), cpu)
+
+
+def test_box_to_patch_mask_with_num_tokens_makes_no_host_sync_on_gpu_metadata():
+    grid = torch.tensor([[1, 72, 72], [2, 36, 48]], device="cuda")
+    offsets = torch.tensor([0, 1, 3], device="cuda")
+    boxes = torch.tensor([[0.1, 0.1, 0.9, 0.9], [0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]], device="cuda")
+    n = 36 * 36 + 2 * 18 * 24
+    assert count_host_syncs(lambda: box_to_patch_mask(boxes, offsets, grid, num_tokens=n)) == 0
+    assert count_host_syncs(lambda: box_to_patch_mask(boxes, offsets, grid)) == 1
+    k1, c1 = box_to_patch_mask(boxes, offsets, grid, num_tokens=n)
+    k2, c2 = box_to_patch_mask(boxes.cpu(), offsets.cpu(), grid.cpu())
+    assert torch.equal(k1.cpu(), k2) and torch.equal(c1.cpu(), c2)

@@ -97,19 +97,19 @@ def _varlen_pack_fake(attention_mask, keep, cu_seqlens, total, input_ids, positi
 
 
 @torch.library.register_fake("tsparse::varlen_gather")
-def _varlen_gather_fake(x, indices, inverse):
+def _varlen_gather_fake(x, indices, inverse, check_inverse=True):
     return x.new_empty((indices.shape[0], x.shape[1]))
 
 
 def _varlen_gather_setup(ctx, inputs, output):
-    _, _, inverse = inputs
+    inverse = inputs[2]
     ctx.save_for_backward(inverse)
 
 
 def _varlen_gather_backward(ctx, grad):
     (inverse,) = ctx.saved_tensors
     # ONE kernel writes every row of the padded gradient: the packed row or zeros.
-    return _ops.compose_rows(grad, inverse, None, None), None, None
+    return _ops.compose_rows(grad, inverse, None, None), None, None, None
 
 
 torch.library.register_autograd(
@@ -182,7 +182,7 @@ def pack_varlen(
     b, l = attention_mask.shape
     rows = _flat_rows(x, b, l, "pack_varlen")
     indices, inverse, _, _, _ = _ops.varlen_pack(attention_mask, keep, cu_seqlens, total, None, None)
-    values = _ops.varlen_gather(rows, indices, inverse)
+    values = _ops.varlen_gather(rows, indices, inverse, False)  # varlen_pack's own maps: no value check
     return Packed(values.reshape(total, *x.shape[2:]), indices, cu_seqlens, max_seqlen, seqlens)
 
 
@@ -280,7 +280,7 @@ def pack_batch(
     embeds = None
     if inputs_embeds is not None:
         rows = _flat_rows(inputs_embeds, b, l, "pack_batch")
-        embeds = _ops.varlen_gather(rows, indices, inverse).reshape(1, total, *inputs_embeds.shape[2:])
+        embeds = _ops.varlen_gather(rows, indices, inverse, False).reshape(1, total, *inputs_embeds.shape[2:])
     return PackedBatch(
         ids.unsqueeze(0), packed_pos, labels.unsqueeze(0), embeds, indices, cu_seqlens, max_seqlen, seqlens
     )

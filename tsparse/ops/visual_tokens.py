@@ -204,6 +204,7 @@ def box_to_patch_mask(
     min_coverage: float = 0.0,
     empty: str = "keep_all",
     invalid_boxes: str = "ignore",
+    num_tokens: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """Marks the merged visual tokens that lie inside each image's evidence boxes.
 
@@ -228,6 +229,9 @@ def box_to_patch_mask(
         invalid_boxes: ``"ignore"`` (default): boxes with a non-finite coordinate, or with
             ``x2 <= x1`` or ``y2 <= y1``, are skipped; ``"raise"``: they raise ``ValueError``
             naming the first one (reads ``boxes`` on the host: a device sync on a GPU).
+        num_tokens: the merged tokens ``image_grid_thw`` describes (sum of ``t * h * w /
+            merge_size**2``), if known on the host; only needed to avoid the host sync when the
+            metadata lives on a GPU (a wrong value aborts the kernel with a device-side error).
 
     Every temporal slice of an image uses the image's boxes.
 
@@ -235,10 +239,11 @@ def box_to_patch_mask(
         ``keep``: bool ``[total_tokens]`` in Qwen2.5-VL token order, on ``boxes``' device;
         ``kept_counts``: int32 ``[num_images]``.
 
-    Syncs: ``box_offsets`` and ``image_grid_thw`` are read on the host (to size the output
-    and validate them). Pass them on the CPU, as the HF processor returns them, and the op
-    launches one kernel without waiting for the GPU; if they live on a GPU they are copied
-    to the host together, once.
+    Syncs: none when ``box_offsets`` and ``image_grid_thw`` are on the CPU (as the HF processor
+    returns them: the per-image table is built on the host and copied from pinned memory
+    asynchronously), and none when they live on a GPU and ``num_tokens`` is given (a small
+    kernel builds the table there and checks the values with device-side asserts). Without
+    ``num_tokens``, GPU metadata is copied to the host once to size the output (one sync).
     """
     op = "box_to_patch_mask"
     _need_tensor(boxes, op, "boxes")
@@ -255,11 +260,19 @@ def box_to_patch_mask(
         raise TypeError(f"tsparse.{op}: `image_grid_thw` must be int32 or int64, got {image_grid_thw.dtype}")
     if box_offsets.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"tsparse.{op}: `box_offsets` must be int32 or int64, got {box_offsets.dtype}")
-    grid, offsets = _host_metadata(image_grid_thw, box_offsets)
-    num_tokens = 0
-    if grid.dim() == 2 and grid.shape[1] == 3:
-        g = grid.tolist()
-        num_tokens = sum(t * (h // merge_size) * (w // merge_size) for t, h, w in g)
+    if num_tokens is not None and (not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0):
+        raise ValueError(f"tsparse.{op}: `num_tokens` must be a non-negative int or None, got {num_tokens!r}")
+    if num_tokens is not None and (image_grid_thw.device.type != "cpu" or box_offsets.device.type != "cpu"):
+        grid, offsets = image_grid_thw, box_offsets  # planned and checked on the device: no sync
+    else:
+        grid, offsets = _host_metadata(image_grid_thw, box_offsets)
+        described = 0
+        if grid.dim() == 2 and grid.shape[1] == 3:
+            described = sum(t * (h // merge_size) * (w // merge_size) for t, h, w in grid.tolist())
+        if num_tokens is not None and num_tokens != described:
+            raise ValueError(f"tsparse.{op}: `num_tokens` = {num_tokens} but `image_grid_thw` describes "
+                             f"{described} merged tokens")
+        num_tokens = described
     if invalid_boxes == "raise":
         _raise_on_invalid_boxes(boxes, op)
     return _ops.box_to_patch_mask(
