@@ -18,7 +18,7 @@ against real tensors by python_tests/test_bench_models.py):
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -91,7 +91,10 @@ def _verl_style_pack(ids, mask, pos, x, keep):
     return ids_p, labels, pos_p, hid
 
 
-def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None] = print) -> list[Row]:
+def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None] = print,
+        rows_out: Optional[list] = None) -> list[Row]:
+    """The family's rows; appended to ``rows_out`` as they are measured when it is given, so a
+    run interrupted mid-family (a phase deadline of profiling/device_check.sh) keeps them."""
     cfg = SIZES[size]
     device = torch.device(device)
     mask, keep, ids, pos, x = make_batch(device, **cfg)
@@ -101,7 +104,7 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
     total, longest = int(kept.sum()), int(kept.sum(1).max())
     dt = "bfloat16"
     shape = f"B={b} L={l} H={h} nnz={total}"
-    rows: list[Row] = []
+    rows: list[Row] = rows_out if rows_out is not None else []
 
     # pack hidden states (no sync: total and max_seqlen known on the host)
     ours = lambda: pack_varlen(x, mask, keep=keep, total=total, max_seqlen=longest)  # noqa: E731

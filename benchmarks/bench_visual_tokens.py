@@ -25,7 +25,7 @@ one gather moves 0.97 GB, not the 117 MB of the anchors' 8,192-row example: comp
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -80,10 +80,13 @@ def _mask_boxes(device, images: int, seed: int = 1):
     return boxes, offsets
 
 
-def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None] = print) -> list[Row]:
+def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None] = print,
+        rows_out: Optional[list] = None) -> list[Row]:
+    """The family's rows; appended to ``rows_out`` as they are measured when it is given, so a
+    run interrupted mid-family (a phase deadline of profiling/device_check.sh) keeps them."""
     cfg = SIZES[size]
     device = torch.device(device)
-    rows: list[Row] = []
+    rows: list[Row] = rows_out if rows_out is not None else []
     images, side, hidden = cfg["images"], cfg["side"], cfg["hidden"]
     grid, boxes, box_offsets, x = make_inputs(device, images, side, hidden)
     n, d = x.shape
