@@ -24,15 +24,15 @@ inline c10::ScalarType logprobs_acc_type(c10::ScalarType t) {
   return t == c10::kDouble ? c10::kDouble : c10::kFloat;
 }
 
-// The kernels scale by 1 / temperature in the accumulator type: it must be finite there (a
-// float32 accumulator overflows below ~2.9e-39).
+// The kernels scale by log2(e) / temperature (and 1 / temperature) in the accumulator type:
+// both must be finite there (a float32 accumulator overflows below ~4.2e-39).
 inline void check_temperature(double temperature, const char* op, c10::ScalarType logits_type) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, "tsparse.", op,
                     ": `temperature` must be a finite number > 0, got ", temperature);
   const double inv_max = logits_type == c10::kDouble ? double(std::numeric_limits<double>::max())
                                                      : double(std::numeric_limits<float>::max());
-  TORCH_CHECK_VALUE(1.0 / temperature <= inv_max, "tsparse.", op, ": `temperature` = ",
-                    temperature, " is too small: 1 / temperature overflows the ",
+  TORCH_CHECK_VALUE(grpo::kLog2e / temperature <= inv_max, "tsparse.", op, ": `temperature` = ",
+                    temperature, " is too small: log2(e) / temperature overflows the ",
                     logits_type == c10::kDouble ? "float64" : "float32", " accumulator");
 }
 
