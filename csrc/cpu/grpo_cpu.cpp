@@ -364,7 +364,135 @@ grpo_token_terms_cpu(const at::Tensor& logp, const at::Tensor& old_logp, const a
   return {pg, kl, ratio, flags, dpg, dkl, dratio};
 }
 
+// ---------------------------------------------------------------------------------------
+// Fused GRPO loss (grpo_loss(impl="single_read")): the CPU computes the two-pass math row by
+// row - the row's state, the per-token terms and coefficients, then the row's gradient (the
+// row is read twice, while it is in cache) - with the same functions as logprobs,
+// grpo_token_terms and logprobs_backward, so its results equal the two-pass path's bit for bit.
+namespace {
+
+struct FusedOut {
+  at::Tensor logp, entropy, pg, kl, ratio, flags;
+};
+
+FusedOut fused_outputs(const GrpoFusedPrep& p) {
+  const int64_t n = p.logits.size(0);
+  const auto opts = p.logits.options().dtype(logprobs_acc_type(p.logits.scalar_type()));
+  FusedOut o;
+  o.logp = at::empty({n}, opts);
+  o.entropy = at::empty({p.with_entropy ? n : 0}, opts);
+  o.pg = at::empty({n}, opts);
+  o.kl = at::empty({n}, opts);
+  o.ratio = at::empty({n}, opts);
+  o.flags = at::empty({n}, opts.dtype(at::kByte));
+  return o;
+}
+
+void fused_rows_cpu(const GrpoFusedPrep& p, double temperature, FusedOut& o, void* grad_ptr, int64_t grad_stride) {
+  const at::Tensor& logits = p.logits;
+  const int64_t rows = logits.size(0);
+  const int64_t cols = logits.size(1);
+  if (rows == 0) return;
+  const int64_t stride = row_stride(logits);
+  const int64_t* tg = p.targets.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "grpo_loss_fused", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const scalar_t* base = static_cast<const scalar_t*>(logits.data_ptr());
+    scalar_t* gbase = static_cast<scalar_t*>(grad_ptr);
+    const acc_t* old = p.old_logp.data_ptr<acc_t>();
+    const acc_t* adv = p.advantages.data_ptr<acc_t>();
+    const acc_t* ref = p.ref_logp.defined() ? p.ref_logp.data_ptr<acc_t>() : nullptr;
+    const acc_t* isw = p.is_weights.defined() ? p.is_weights.data_ptr<acc_t>() : nullptr;
+    const acc_t* w = p.token_weight.data_ptr<acc_t>();
+    acc_t* lp = o.logp.data_ptr<acc_t>();
+    acc_t* en = p.with_entropy ? o.entropy.data_ptr<acc_t>() : nullptr;
+    acc_t* pg = o.pg.data_ptr<acc_t>();
+    acc_t* kl = o.kl.data_ptr<acc_t>();
+    acc_t* ratio = o.ratio.data_ptr<acc_t>();
+    uint8_t* flags = o.flags.data_ptr<uint8_t>();
+    const acc_t c = grpo::row_scale<acc_t>(temperature);
+    const acc_t inv_temp = static_cast<acc_t>(1.0 / temperature);
+    const acc_t kl_coef = static_cast<acc_t>(p.kl_coef);
+    const acc_t ent_coef = static_cast<acc_t>(p.entropy_coef);
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const scalar_t* x = base + r * stride;
+        const grpo::RowStats<acc_t> rs = grpo::lse_finish(row_state<scalar_t>(x, cols, c));
+        lp[r] = grpo::target_logp(static_cast<acc_t>(x[tg[r]]), c, rs);
+        if (en) en[r] = rs.entropy;
+        const grpo::GrpoToken<acc_t> tok = grpo::grpo_token<acc_t>(
+            lp[r], old[r], adv[r], ref ? ref[r] : acc_t(0), isw ? isw[r] : acc_t(1), p.params);
+        pg[r] = tok.pg;
+        kl[r] = tok.kl;
+        ratio[r] = tok.ratio;
+        flags[r] = tok.flags;
+        if (gbase == nullptr) continue;
+        const grpo::TokenGrads<acc_t> g = grpo::grpo_token_grads<acc_t>(tok, w[r], p.use_kl, kl_coef, ent_coef);
+        scalar_t* out = gbase + r * grad_stride;
+        if (g.g_logp == acc_t(0) && g.g_ent == acc_t(0)) {
+          std::memset(static_cast<void*>(out), 0, size_t(cols) * sizeof(scalar_t));
+          continue;
+        }
+        const grpo::RowGrad<acc_t> rg = grpo::make_row_grad<acc_t>(
+            rs.row_max, rs.log_norm, g.g_ent != acc_t(0) ? rs.entropy : acc_t(0), g.g_logp, g.g_ent, c, inv_temp);
+        row_grad<scalar_t>(x, out, cols, tg[r], rg);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss_fused_cpu(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const c10::optional<at::Tensor>& ref_logp, const c10::optional<at::Tensor>& is_weights,
+    const at::Tensor& token_weight, double temperature, double clip_low, double clip_high, double clip_ratio_c,
+    c10::string_view kl_type, int64_t clamp_edges, double kl_coef, double entropy_coef, bool with_entropy,
+    bool with_grad, bool /*single_read: the CPU always computes the two-pass math*/) {
+  constexpr const char* op = "grpo_loss";
+  const GrpoFusedPrep p = prep_grpo_fused(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight,
+                                          temperature, clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges,
+                                          kl_coef, entropy_coef, with_entropy, op);
+  check_targets_in_range(p.targets, p.logits.size(1), op);
+  FusedOut o = fused_outputs(p);
+  at::Tensor grad = with_grad ? alloc_grad_like_rows(p.logits) : at::empty({0, p.logits.size(1)}, p.logits.options());
+  fused_rows_cpu(p, temperature, o, with_grad ? grad.data_ptr() : nullptr, with_grad ? row_stride(grad) : 0);
+  return {o.logp, o.entropy, o.pg, o.kl, o.ratio, o.flags, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss_fused_inplace_cpu(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const c10::optional<at::Tensor>& ref_logp, const c10::optional<at::Tensor>& is_weights,
+    const at::Tensor& token_weight, double temperature, double clip_low, double clip_high, double clip_ratio_c,
+    c10::string_view kl_type, int64_t clamp_edges, double kl_coef, double entropy_coef, bool with_entropy,
+    bool /*single_read*/) {
+  constexpr const char* op = "grpo_loss";
+  check_inplace_logits(logits, op);
+  GrpoFusedPrep p = prep_grpo_fused(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight,
+                                    temperature, clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges, kl_coef,
+                                    entropy_coef, with_entropy, op);
+  unalias_fused_from_logits(p, logits);
+  check_targets_in_range(p.targets, p.logits.size(1), op);
+  FusedOut o = fused_outputs(p);
+  fused_rows_cpu(p, temperature, o, logits.data_ptr(), row_stride(logits));
+  return {o.logp, o.entropy, o.pg, o.kl, o.ratio, o.flags};
+}
+
+void scale_rows_cpu(const at::Tensor& x, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(scale.numel() == 1 && scale.device() == x.device(), "tsparse.scale_rows_: `scale` must be a ",
+                    "one-element tensor on ", x.device(), ", got shape ", scale.sizes(), " on ", scale.device());
+  TORCH_CHECK_VALUE(x.dim() == 2, "tsparse.scale_rows_: `x` must be 2-D, got shape ", x.sizes());
+  if (x.numel() == 0) return;
+  const at::Tensor s = scale.reshape({}).to(logprobs_acc_type(x.scalar_type()));
+  if (s.item<double>() == 1.0) return;  // a CPU tensor: reading it is no sync
+  at::Tensor xm = x;
+  xm.mul_(s);
+}
+
 TORCH_LIBRARY_IMPL(tsparse, CPU, m) {
+  m.impl("grpo_loss_fused", &grpo_loss_fused_cpu);
+  m.impl("grpo_loss_fused_", &grpo_loss_fused_inplace_cpu);
+  m.impl("scale_rows_", &scale_rows_cpu);
   m.impl("logprobs", &logprobs_cpu);
   m.impl("logprobs_backward", &logprobs_backward_cpu);
   m.impl("logprobs_backward_", &logprobs_backward_inplace_cpu);
