@@ -23,11 +23,15 @@
 //
 // No torch headers (grpo_cuda.cpp holds the glue).
 #include <cooperative_groups.h>
+#include <atomic>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
 #include <cstdio>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "tsparse/cuda_common.cuh"
@@ -48,7 +52,7 @@ using grpo::RowStats;
 
 constexpr int kUnroll = 4;               // 16-byte vectors in flight per thread in the read phase
 constexpr int kClusterMinBlocks = 3;     // 512-thread CTAs per SM the kernel is compiled for (<= 40 registers)
-constexpr int kClusterSmallMinBlocks = 8;  // 128-thread CTAs (rows <= 16 KB) per SM (<= 64 registers)
+constexpr int kClusterSmallMinBlocks = 12;  // 128-thread CTAs (slices <= 16 KB) per SM (<= 40 registers)
 constexpr int kTokenThreads = 256;
 constexpr int kTokenBlocksPerSm = 8;
 constexpr int kScaleThreads = 256;
@@ -324,10 +328,25 @@ int elem_size(DType d) {
   }
 }
 
+// Raises the kernel's dynamic shared memory limit to the largest slice any plan uses, once per
+// device (the limit does not change occupancy; the launch's own size does).
+template <typename T, int THREADS, bool WITH_ENT>
+cudaError_t allow_max_slice() {
+  auto kernel = grpo_loss_cluster_kernel<T, THREADS, WITH_ENT>;
+  static std::atomic<bool> done[64];  // one set per instantiation (= per kernel) and device
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < 64 && done[dev].load()) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, grpo::kClusterSliceMaxBytes);
+  if (err == cudaSuccess && dev >= 0 && dev < 64) done[dev].store(true);
+  return err;
+}
+
 template <typename T, int THREADS, bool WITH_ENT>
 cudaError_t launch_cluster(const FusedParams<T>& p, const grpo::ClusterPlan& plan, cudaStream_t stream) {
   auto kernel = grpo_loss_cluster_kernel<T, THREADS, WITH_ENT>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem_bytes);
+  cudaError_t err = allow_max_slice<T, THREADS, WITH_ENT>();
   if (err != cudaSuccess) return err;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(p.rows * plan.ctas), 1, 1);
@@ -347,7 +366,7 @@ cudaError_t launch_cluster(const FusedParams<T>& p, const grpo::ClusterPlan& pla
 template <typename T, int THREADS>
 int max_active_clusters(const grpo::ClusterPlan& plan) {
   auto kernel = grpo_loss_cluster_kernel<T, THREADS, true>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem_bytes) != cudaSuccess) {
+  if (allow_max_slice<T, THREADS, true>() != cudaSuccess) {
     cudaGetLastError();
     return 0;
   }
@@ -383,6 +402,15 @@ bool grpo_loss_single_read_supported(int64_t rows, int64_t cols, DType dtype) {
     return false;
   }
   if (cc < 9) return false;  // thread-block clusters need sm_90
+  // The occupancy query is a host-side calculation, cached per device and plan (a few calls).
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, int, int, int>, bool> cache;
+  const auto key = std::make_tuple(dev, static_cast<int>(dtype), plan.ctas, plan.threads, plan.smem_bytes);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
   int active = 0;
   dispatch_logits(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -391,6 +419,8 @@ bool grpo_loss_single_read_supported(int64_t rows, int64_t cols, DType dtype) {
                                                      : max_active_clusters<T, grpo::kClusterSmallThreads>(plan);
     }
   });
+  std::lock_guard<std::mutex> lock(mu);
+  cache[key] = active > 0;
   return active > 0;
 }
 

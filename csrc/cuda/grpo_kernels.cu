@@ -55,8 +55,8 @@ constexpr int kWideThreads = 512;
 constexpr int kUnroll = 4;
 // Minimum resident CTAs per SM the wide row kernels are compiled for (registers <= 40).
 constexpr int kWideMinBlocks = 3;
-// ... and the 128-thread (mid-width) row kernels (registers <= 64).
-constexpr int kMidMinBlocks = 8;
+// ... and the 128-thread (mid-width) row kernels (registers <= 40).
+constexpr int kMidMinBlocks = 12;
 constexpr int kTokenThreads = 256;
 constexpr int kTokenBlocksPerSm = 8;
 
