@@ -1,0 +1,203 @@
+"""The compile-time properties each tsparse kernel's design relies on, as one table.
+
+One ``Family`` per kernel family (a regex over the short demangled names that
+profiling/sass_report.py prints). python_tests/test_sass.py turns every (family, property)
+pair into a test against the built extension, and ``sass_report.py --check`` prints the same
+verdicts. To add a family (the GRPO kernels, a new op), append a row to ``FAMILIES``; nothing
+else changes.
+
+Properties (a family checks those it sets):
+  block        the launcher's block size; must equal the kernel's ``__launch_bounds__`` (the
+               report's block column, which occupancy is computed at).
+  min_ctas     the intended occupancy: registers and shared memory must let at least this many
+               CTAs of ``block`` threads reside on one sm_90 SM.
+  no_local     no LDL / STL inside any loop that touches global memory (spills or stack arrays
+               in a hot loop). Always checked.
+  wide_loads   the hot loop's global loads are 128-bit, except at most ``narrow_per_wide``
+               narrower loads (indices) per 128-bit load.
+  wide_stores  every global store of the kernel's main body is 128-bit (the failure
+               subroutines are left out).
+  hot_order    in one trip of the hot loop, every global load is issued before the first store.
+  main_order   the same on the kernel's main path (one trip of the outermost storing loop, or the
+               straight-line code when nothing loops; see sass_report.main_path_stats).
+  max_ipe      the hot loop's SASS instructions per element (see sass_report for how elements
+               per trip are derived) must not exceed this.
+
+A property the kernel does not meet YET goes in ``gaps`` with the measured "before" value and
+the step that fixes it: its test is an expected failure (``xfail(strict=True)``), so it starts
+to fail - and the gap must be removed - the moment the code meets the target. The bar is never
+lowered to make a test pass.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+PROPERTIES = ("block", "min_ctas", "no_local", "wide_loads", "wide_stores", "hot_order", "main_order", "max_ipe")
+
+# 16-byte instantiations of the dtype-templated row kernels: VEC * sizeof(T) == 16.
+_VEC16 = r"(__nv_bfloat16, 8|__half, 8|float, 4|double, 2)"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    pattern: str                     # re.search over the short kernel name
+    why: str
+    block: Optional[int] = None
+    min_ctas: Optional[int] = None
+    wide_loads: bool = False
+    narrow_per_wide: float = 0.0
+    wide_stores: bool = False
+    hot_order: bool = False
+    main_order: bool = False
+    max_ipe: Optional[float] = None
+    gaps: dict = field(default_factory=dict)   # property -> "before: ...; fixed by ..."
+
+    def checked(self) -> list[str]:
+        out = []
+        if self.block is not None:
+            out.append("block")
+        if self.min_ctas is not None:
+            out.append("min_ctas")
+        out.append("no_local")
+        for p in ("wide_loads", "wide_stores", "hot_order", "main_order"):
+            if getattr(self, p):
+                out.append(p)
+        if self.max_ipe is not None:
+            out.append("max_ipe")
+        return out
+
+
+FAMILIES: list[Family] = [
+    # ---- visual tokens: row movers (csrc/cuda/visual_tokens_kernels.cu) -------------------------
+    Family(
+        "row copy 16 B", r"^compose_copy_kernel<uint4, ",
+        "gather / scatter / unique-index gather backward: bf16 rows of D = 3584 move as 16-byte units, "
+        "4 in flight per lane; 4 CTAs of 256 threads = 64 KB in flight per SM (anchors: 32-128 KB)",
+        block=256, min_ctas=4, wide_loads=True, wide_stores=True, hot_order=True),
+    Family(
+        "row copy, any width", r"^compose_copy_kernel<",
+        "the narrower units (8/4/2/1 B) of the same copy: sliced or odd-width rows",
+        block=256, min_ctas=4),
+    Family(
+        "scaled rows 16 B", rf"^compose_scaled_kernel<{_VEC16}, ",
+        "token-fusion backward: out[r] = src[map[r]] * scale; a 16-byte load, fp32 scale, a 16-byte store",
+        block=256, min_ctas=4, wide_loads=True, wide_stores=True, hot_order=True,
+        gaps={"wide_stores": "before: each 16-byte store split into four 32-bit STG.E "
+                             "(bf16: 20 STG.E + 3 STG.E.128 in the kernel); fixed by step 4 of issue 12"}),
+    Family(
+        "segment reduce 16 B", rf"^segment_reduce_kernel<{_VEC16}>",
+        "fusion pooling / non-unique gather backward: fp32 sums of 16-byte packs over a segment's members, "
+        "one int64 member index per pack",
+        block=256, min_ctas=4, wide_loads=True, narrow_per_wide=1.0, wide_stores=True,
+        gaps={"wide_stores": "before: the 16-byte result stored as four 32-bit STG.E; fixed by step 4 of issue 12"}),
+    Family(
+        "row norms 16 B", rf"^row_inv_norms_kernel<{_VEC16}>",
+        "fusion similarity: one warp per row, 16-byte loads, a shuffle reduction",
+        block=256, min_ctas=4, wide_loads=True),
+    Family(
+        "row kernels, any width", r"^(compose_scaled|segment_reduce|row_inv_norms|build_inverse)_kernel<",
+        "every instantiation: the launch bound the launchers use, no local memory in a loop",
+        block=256, min_ctas=4),
+    Family(
+        "box mask", r"^box_mask_kernel",
+        "one CTA of 256 threads per image; boxes staged in shared memory",
+        block=256, min_ctas=2),
+    # ---- varlen (csrc/cuda/varlen_kernels.cu) ------------------------------------------------------
+    Family(
+        "varlen pack", r"^pack_kernel<",
+        "one thread per token: mask, keep, ids and position rows read, then indices / inverse / ids / "
+        "labels / positions written; a memory-level-parallel design issues every load before the first store",
+        block=512, min_ctas=2, main_order=True,
+        gaps={"main_order": "before: LDG -> STG -> LDG in each chunk (non-restrict outputs; the position "
+                            "rows loaded after the index stores); fixed by step 4 of issue 12"}),
+    Family(
+        "varlen counts", r"^(seqlens_kernel<|scan_kernel)",
+        "per-row counts (512 threads) and the single-block scan (1024 threads)",
+        min_ctas=1),
+    # ---- GRPO (csrc/cuda/grpo_kernels.cu): rows are added with the GRPO work of issue 12 -----------
+]
+
+
+def families_for(name: str) -> list[Family]:
+    return [f for f in FAMILIES if re.search(f.pattern, name)]
+
+
+def _hot(k):
+    return k.hot if isinstance(k.hot, dict) else None
+
+
+def check(family: Family, prop: str, kernels: list) -> tuple[bool, str]:
+    """(ok, detail) of one property over every kernel of one family. `kernels` are
+    sass_report.Kernel objects (or anything with the same attributes)."""
+    ks = [k for k in kernels if re.search(family.pattern, k.name)]
+    if not ks:
+        return False, f"no kernel matches {family.pattern!r} (renamed or not built?)"
+    bad = []
+    for k in ks:
+        hot = _hot(k)
+        if prop == "block":
+            if k.block != family.block:
+                bad.append(f"{k.name}: __launch_bounds__ {k.block}, launcher uses {family.block}")
+        elif prop == "min_ctas":
+            ctas = (k.occ or {}).get("ctas", 0)
+            if ctas < family.min_ctas:
+                bad.append(f"{k.name}: {ctas} CTAs/SM at {k.regs} registers, {k.smem} B shared "
+                           f"(limited by {(k.occ or {}).get('limiter')}), want >= {family.min_ctas}")
+        elif prop == "no_local":
+            for lp in k.loops:
+                if lp["ldl"] or lp["stl"]:
+                    bad.append(f"{k.name}: {lp['ldl']} LDL + {lp['stl']} STL in the loop at {lp['src']}")
+        elif prop == "wide_loads":
+            if hot is None or not hot["ldg"].get("128"):
+                bad.append(f"{k.name}: no 128-bit load in the hot loop ({hot and hot['src']})")
+            else:
+                wide = hot["ldg"]["128"]
+                narrow = sum(v for w, v in hot["ldg"].items() if w != "128")
+                if narrow > family.narrow_per_wide * wide:
+                    bad.append(f"{k.name}: {narrow} narrow loads per {wide} 128-bit loads in the loop at {hot['src']}")
+        elif prop == "wide_stores":
+            narrow = {w: v for w, v in k.totals["stg"].items() if w != "128" and v}
+            if narrow or not k.totals["stg"].get("128"):
+                bad.append(f"{k.name}: global stores by width {k.totals['stg']} (want only 128-bit)")
+        elif prop == "hot_order":
+            if hot is None or not hot["loads_before_stores"]:
+                bad.append(f"{k.name}: a load follows a store in the hot loop ({hot and hot['src']})")
+        elif prop == "main_order":
+            if not k.main.get("loads_before_stores", False):
+                bad.append(f"{k.name}: a load follows a store on the main path ({k.main.get('scope')})")
+        elif prop == "max_ipe":
+            ipe = hot and hot.get("instr_per_elem")
+            if ipe is None or ipe > family.max_ipe:
+                bad.append(f"{k.name}: {ipe} instructions/element in the loop at {hot and hot['src']}, "
+                           f"want <= {family.max_ipe}")
+        else:
+            raise ValueError(f"unknown property {prop!r}")
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        return False, "; ".join(bad[:3]) + more
+    return True, f"{len(ks)} kernels"
+
+
+def check_all(kernels: list) -> list[dict]:
+    """Every (family, property) verdict: status ok / gap (a known, recorded gap that still fails) /
+    FAIL (an unexpected failure) / fixed (a recorded gap that now passes: remove it from `gaps`)."""
+    out = []
+    for fam in FAMILIES:
+        for prop in fam.checked():
+            ok, detail = check(fam, prop, kernels)
+            if prop in fam.gaps:
+                status = "fixed" if ok else "gap"
+                detail = detail if ok else f"{detail} [{fam.gaps[prop]}]"
+            else:
+                status = "ok" if ok else "FAIL"
+            out.append({"family": fam.name, "property": prop, "status": status, "detail": detail})
+    return out
+
+
+def uncovered(kernels: list) -> list[str]:
+    """Kernels no family describes (only the universal no_local rule of the report applies)."""
+    return [k.name for k in kernels if not families_for(k.name)]
