@@ -51,8 +51,17 @@ using grpo::RowSplit;
 using grpo::RowStats;
 
 constexpr int kUnroll = 4;               // 16-byte vectors in flight per thread in the read phase
-constexpr int kClusterMinBlocks = 3;     // 512-thread CTAs per SM the kernel is compiled for (<= 40 registers)
-constexpr int kClusterSmallMinBlocks = 12;  // 128-thread CTAs (slices <= 16 KB) per SM (<= 40 registers)
+// CTAs per SM the cluster kernel is compiled for: 512 threads, 16-bit logits: 3 (<= 40 registers;
+// the reference row's 76,032 B slices let 3 reside); 128 threads (slices <= 16 KB): 12; fp32
+// logits get 64 registers (2 / 8 CTAs) instead of spilling.
+constexpr int kClusterMinBlocks = 3;
+constexpr int kClusterSmallMinBlocks = 12;
+
+template <typename T, int THREADS>
+constexpr int cluster_min_blocks() {
+  return THREADS == grpo::kClusterThreads ? (sizeof(T) == 2 ? kClusterMinBlocks : 2)
+                                          : (sizeof(T) == 2 ? kClusterSmallMinBlocks : 8);
+}
 constexpr int kTokenThreads = 256;
 constexpr int kTokenBlocksPerSm = 8;
 constexpr int kScaleThreads = 256;
@@ -156,7 +165,7 @@ struct RowShared {
 };
 
 template <typename T, int THREADS, bool WITH_ENT>
-__global__ void __launch_bounds__(THREADS, THREADS == grpo::kClusterThreads ? kClusterMinBlocks : kClusterSmallMinBlocks)
+__global__ void __launch_bounds__(THREADS, cluster_min_blocks<T, THREADS>())
     grpo_loss_cluster_kernel(FusedParams<T> p) {
   using E = Elem<T>;
   using Acc = typename E::Acc;
@@ -299,13 +308,23 @@ __global__ void __launch_bounds__(kScaleThreads) scale_rows_kernel(T* x, int64_t
     if (int(threadIdx.x) < sp.head) row[threadIdx.x] = E::store(E::load(row[threadIdx.x]) * s);
     if (int(threadIdx.x) < sp.ntail) row[sp.tail0 + threadIdx.x] = E::store(E::load(row[sp.tail0 + threadIdx.x]) * s);
     uint4* vp = reinterpret_cast<uint4*>(row + sp.head);
-    for (int v = threadIdx.x; v < sp.nvec; v += kScaleThreads) {
+    const auto scaled = [s](const uint4& q) {
       Acc e[V::kElems];
-      V::unpack(vp[v], e);
+      V::unpack(q, e);
 #pragma unroll
       for (int k = 0; k < V::kElems; ++k) e[k] *= s;
-      vp[v] = grpo_dev::pack_vec<T>(e);
+      return grpo_dev::pack_vec<T>(e);
+    };
+    int v = threadIdx.x;
+#pragma unroll 1  // one trip per iteration: its loads stay ahead of its stores
+    for (; v + (kUnroll - 1) * kScaleThreads < sp.nvec; v += kUnroll * kScaleThreads) {
+      uint4 q[kUnroll];  // every load of the trip before its first store
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) q[k] = vp[v + k * kScaleThreads];
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) vp[v + k * kScaleThreads] = scaled(q[k]);
     }
+    for (; v < sp.nvec; v += kScaleThreads) vp[v] = scaled(vp[v]);
   }
 }
 

@@ -60,6 +60,13 @@ constexpr int kMidMinBlocks = 12;
 constexpr int kTokenThreads = 256;
 constexpr int kTokenBlocksPerSm = 8;
 
+// The occupancy the row kernels are compiled for (their register budget); fp64 logits (tests
+// only) get the registers they need rather than spilling inside their loops.
+template <typename T, int THREADS>
+constexpr int min_blocks() {
+  return sizeof(T) == 8 ? 1 : (THREADS == kWideThreads ? kWideMinBlocks : kMidMinBlocks);
+}
+
 // ---------------------------------------------------------------------------------------
 // Elem<T> (load/store with fp32 or fp64 accumulation): tsparse/cuda_common.cuh.
 
@@ -152,7 +159,7 @@ __global__ void __launch_bounds__(kWarpRowThreads) logprobs_fwd_warp_kernel(FwdP
 }
 
 template <typename T, int THREADS, bool WITH_ENT>
-__global__ void __launch_bounds__(THREADS, THREADS == kWideThreads ? kWideMinBlocks : kMidMinBlocks)
+__global__ void __launch_bounds__(THREADS, min_blocks<T, THREADS>())
     logprobs_fwd_cta_kernel(FwdParams<T> p) {
   using Acc = typename Elem<T>::Acc;
   __shared__ LseState<Acc> red[33];
@@ -264,7 +271,7 @@ __global__ void __launch_bounds__(kWarpRowThreads) logprobs_bwd_warp_kernel(BwdP
 }
 
 template <typename T, int THREADS>
-__global__ void __launch_bounds__(THREADS, THREADS == kWideThreads ? kWideMinBlocks : kMidMinBlocks)
+__global__ void __launch_bounds__(THREADS, min_blocks<T, THREADS>())
     logprobs_bwd_cta_kernel(BwdParams<T> p) {
   backward_row<T>(p, blockIdx.x, threadIdx.x, THREADS);
 }
