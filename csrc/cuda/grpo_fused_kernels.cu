@@ -173,6 +173,7 @@ __global__ void __launch_bounds__(THREADS, cluster_min_blocks<T, THREADS>())
   extern __shared__ uint4 slice[];  // this CTA's vectors of the row (p.slice_vecs at most)
   __shared__ LseState<Acc> red[33];
   __shared__ RowShared<Acc> shared_row;
+  __shared__ Acc tok_in[5];  // old_logp, advantage, ref_logp, is_weight, token_weight of the row
 
   const int rank = static_cast<int>(cg::this_cluster().block_rank());
   const int ctas = static_cast<int>(cg::this_cluster().num_blocks());
@@ -184,14 +185,22 @@ __global__ void __launch_bounds__(THREADS, cluster_min_blocks<T, THREADS>())
   const grpo::Slice sl = grpo::cluster_slice(s.nvec, p.slice_vecs, rank);
   const int nlocal = sl.end - sl.begin;
 
-  // Per-token inputs first (their latency hides behind the row); the target's logit is read
-  // before any CTA of the cluster writes (the writes follow the cluster barrier below).
+  // Per-token inputs first (their latency hides behind the row instead of stalling the CTA after
+  // the reduction); the target's logit is read before any CTA of the cluster writes (the writes
+  // follow the cluster barrier below).
+  // Threads 1-5 each hold one per-token input in a register (one register for every thread, not
+  // five for thread 0) and hand it over through shared memory before the reduction.
   int64_t t = 0;
   Acc x_t = Acc(0);
   if (tid == 0) {
     t = p.targets[r];
     if (t < 0 || t >= p.cols) fail_target_fused(r, t, p.cols);
     x_t = E::load(in[t]);
+  }
+  Acc tok_val = Acc(0);
+  if (tid >= 1 && tid <= 5) {
+    const Acc* src = tid == 1 ? p.old_logp : tid == 2 ? p.adv : tid == 3 ? p.ref : tid == 4 ? p.isw : p.weight;
+    tok_val = src != nullptr ? src[r] : (tid == 4 ? Acc(1) : Acc(0));  // is_weights default 1, ref 0
   }
 
   // 1. Read phase: the row's scalar head (rank 0) and tail (last rank) into registers, the
@@ -208,14 +217,13 @@ __global__ void __launch_bounds__(THREADS, cluster_min_blocks<T, THREADS>())
 
   // 2. Row statistics: CTA, then cluster (every CTA merges all ranks in rank order).
   static_assert(std::is_same_v<Acc, float>, "the cluster kernel runs 16/32-bit logits");
+  if (tid >= 1 && tid <= 5) tok_in[tid - 1] = tok_val;  // visible to thread 0 after the barriers below
   grpo_dev::cta_merge<Acc, THREADS>(st, red);  // red[32] = this CTA's state
   cluster_sync_acq_rel();                       // every CTA's red[32] is written and visible
   if (tid == 0) {
     LseState<Acc> row = grpo::lse_empty<Acc>();
     for (int k = 0; k < ctas; ++k) row = grpo::lse_merge(row, dsmem_load_state(&red[32], static_cast<unsigned>(k)));
-    const Acc ref = p.ref != nullptr ? p.ref[r] : Acc(0);
-    const Acc isw = p.isw != nullptr ? p.isw[r] : Acc(1);
-    const RowResult<Acc> o = row_result<Acc>(row, x_t, p.c, p.old_logp[r], p.adv[r], ref, isw, p.weight[r],
+    const RowResult<Acc> o = row_result<Acc>(row, x_t, p.c, tok_in[0], tok_in[1], tok_in[2], tok_in[3], tok_in[4],
                                              p.params, p.use_kl, p.kl_coef, p.entropy_coef);
     if (rank == 0) {
       p.logp[r] = o.logp;
