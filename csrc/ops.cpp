@@ -65,8 +65,9 @@ TORCH_LIBRARY(tsparse, m) {
   m.def("varlen_gather(Tensor x, Tensor indices, Tensor inverse) -> Tensor");
   // ---- GRPO (tsparse/ops/grpo.py) ----
   // One read of logits [T, V] (z = logits / temperature). Per row, in fp32 (fp64 for fp64
-  // logits): logp = log_softmax(z)[targets]; row_max = max z; log_norm = log sum exp(z -
-  // row_max) (lse = row_max + log_norm); entropy [T] (or [0] when not with_entropy).
+  // logits): logp = log_softmax(z)[targets]; entropy [T] (or [0] when not with_entropy); and the
+  // backward's statistics in BASE-2 units of y = logits * log2(e) / temperature (grpo_math.h):
+  // row_max = max y, log_norm = log2 sum 2^(y - row_max).
   m.def(
       "logprobs(Tensor logits, Tensor targets, float temperature, bool with_entropy) -> "
       "(Tensor logp, Tensor row_max, Tensor log_norm, Tensor entropy)");

@@ -12,7 +12,8 @@ per-stream aggregation, and fused linear variants that never materialize the log
 
 Math (``csrc/include/tsparse/grpo_math.h``, shared by the CPU and CUDA kernels): per row, an
 online (max, sum exp, sum exp * z) log-sum-exp over ``z = logits / temperature`` in fp32
-(fp64 for fp64 logits), so the row is read once and the entropy comes for free. The backward
+(fp64 for fp64 logits), kept in base 2 (one FFMA and one exp2 per logit on the GPU; error bound
+in profiling/NOTES.md), so the row is read once and the entropy comes for free. The backward
 writes ``dlogits = (g_logp * (onehot - p) + g_ent * dH/dz) / temperature`` in one pass from the
 saved per-row statistics (row max, log normalizer, entropy): no [T, V] temporary.
 
