@@ -152,9 +152,26 @@ def grpo_cases(device: torch.device, small: bool) -> list[Case]:
                                      stream=stream[:tl], stream_weights=[1.0, 1.0])
         res.loss.backward()
 
+    # The single-read cluster kernel: at the realistic shape 4 CTAs per row; the small shape adds
+    # rows of 40,000 logits (2-CTA clusters: distributed shared memory between CTAs) and a
+    # non-unit upstream gradient (the scale kernel's pass), in place.
+    tw, vw = (3, 40000) if small else (t, v)
+    wide = logits if not small else torch.randn(tw, vw, device=device).to(torch.bfloat16).requires_grad_()
+    tgt_w = targets if not small else torch.randint(0, vw, (tw,), device=device)
+
+    def single_read_fwd_bwd():
+        res = grpo_loss(logits, targets, old, adv, mask, ref_logp=ref_logp, kl_coef=0.01, entropy_coef=0.001,
+                        stream=stream, stream_weights=[1.0, 1.0], impl="single_read")
+        res.loss.backward()
+        y = wide * 1
+        res = grpo_loss(y, tgt_w, old[:tw], adv[:tw], mask[:tw], entropy_coef=0.001, impl="single_read",
+                        inplace_backward=True)
+        (res.loss * 2.0).backward()
+
     return [
         ("logprobs fwd+bwd (entropy)", logprobs_fwd_bwd),
         ("grpo_loss fwd+bwd (2 streams, KL, entropy)", grpo_fwd_bwd),
+        ("grpo_loss single_read fwd+bwd (cluster kernel)", single_read_fwd_bwd),
         ("fused_linear_grpo_loss fwd+bwd", fused_linear_fwd_bwd),
     ]
 

@@ -351,7 +351,8 @@ def find_loops(instrs: list[Instr], labels: dict[str, int]) -> list[Loop]:
 def count(instrs: Iterable[Instr]) -> dict:
     """Counts of what a stretch of SASS does (the same keys for a kernel and for a loop body)."""
     c = {"instr": 0, "ldg": {}, "stg": {}, "ld": {}, "st": {}, "atom": 0, "lds": 0, "sts": 0, "ldl": 0, "stl": 0,
-         "mufu": {}, "bssy": 0, "bra": 0, "bar": 0, "first_stg": None, "last_ldg": None}
+         "mufu": {}, "bssy": 0, "bra": 0, "bar": 0, "cga_arv": 0, "cga_wait": 0, "first_stg": None,
+         "last_ldg": None}
     for i, ins in enumerate(instrs):
         b = ins.base
         if b == "NOP":
@@ -393,6 +394,10 @@ def count(instrs: Iterable[Instr]) -> dict:
             c["bra"] += 1
         elif b == "BAR":
             c["bar"] += 1
+        elif b == "UCGABAR_ARV":  # barrier.cluster.arrive (thread-block cluster)
+            c["cga_arv"] += 1
+        elif b == "UCGABAR_WAIT":  # barrier.cluster.wait
+            c["cga_wait"] += 1
     return c
 
 

@@ -22,6 +22,12 @@ Properties (a family checks those it sets):
                straight-line code when nothing loops; see sass_report.main_path_stats).
   max_ipe      the hot loop's SASS instructions per element (see sass_report for how elements
                per trip are derived) must not exceed this.
+  wide_loop_stores  every innermost loop that stores to global memory and loads nothing narrower
+               than 128 bits stores only 128-bit (the 16-byte row paths; a documented element-wise
+               fallback loop, whose loads are narrow too, is left out).
+  cluster_barriers  the kernel arrives at and waits on thread-block-cluster barriers
+               (UCGABAR_ARV / UCGABAR_WAIT, at least twice each: publish the CTAs' shared state,
+               then keep every CTA's shared memory alive until the cluster's remote reads are done).
 The hot loop is the report's (the innermost loop with the most 128-bit loads per trip) unless
 ``hot_loop`` names it: a regex searched in the source text of each loop's back-edge line (the
 report reads it through the line info), e.g. ``r"i < end"`` for ``for (...; i < end; ++i)``.
@@ -38,7 +44,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-PROPERTIES = ("block", "min_ctas", "no_local", "wide_loads", "wide_stores", "hot_order", "main_order", "max_ipe")
+PROPERTIES = ("block", "min_ctas", "no_local", "wide_loads", "wide_stores", "hot_order", "main_order", "max_ipe",
+              "wide_loop_stores", "cluster_barriers")
 
 # 16-byte instantiations of the dtype-templated row kernels: VEC * sizeof(T) == 16.
 _VEC16 = r"(__nv_bfloat16, 8|__half, 8|float, 4|double, 2)"
@@ -58,6 +65,8 @@ class Family:
     main_order: bool = False
     max_ipe: Optional[float] = None
     hot_loop: Optional[str] = None   # regex on the hot loop's source line (default: the report's pick)
+    wide_loop_stores: bool = False
+    cluster_barriers: bool = False
     gaps: dict = field(default_factory=dict)   # property -> "before: ...; fixed by ..."
 
     def checked(self) -> list[str]:
@@ -72,6 +81,9 @@ class Family:
                 out.append(p)
         if self.max_ipe is not None:
             out.append("max_ipe")
+        for p in ("wide_loop_stores", "cluster_barriers"):
+            if getattr(self, p):
+                out.append(p)
         return out
 
 
@@ -129,7 +141,60 @@ FAMILIES: list[Family] = [
         "varlen counts", r"^(seqlens_kernel<|chunk_counts_kernel<|scan_kernel)",
         "per-row and per-chunk counts (512 threads) and the single-block scan (1024 threads)",
         min_ctas=1),
-    # ---- GRPO (csrc/cuda/grpo_kernels.cu): rows are added with the GRPO work of issue 12 -----------
+    # ---- GRPO (csrc/cuda/grpo_kernels.cu, grpo_fused_kernels.cu; issue 12 steps 2 and 3) ----------
+    Family(
+        "grpo forward 16-bit, wide rows", r"^logprobs_fwd_cta_kernel<(__nv_bfloat16|__half), 512, ",
+        "log-probs (+ entropy) in one read, V > 32,768: branch-free online log-sum-exp in base 2 (one FFMA "
+        "x * c - m, one ex2.approx.ftz per logit), 4 x 16 B in flight per thread, 3 CTAs of 512 threads per SM "
+        "(96 KB in flight); issue 12: <= 10 SASS instructions per element (5.0, 7.1 with the entropy)",
+        block=512, min_ctas=3, wide_loads=True, max_ipe=10.0),
+    Family(
+        "grpo forward 16-bit, mid rows", r"^logprobs_fwd_cta_kernel<(__nv_bfloat16|__half), 128, ",
+        "the same loop for V <= 32,768 (128-thread CTAs, 12 per SM)",
+        block=128, min_ctas=12, wide_loads=True, max_ipe=10.0),
+    Family(
+        "grpo forward 16-bit, warp rows", r"^logprobs_fwd_warp_kernel<(__nv_bfloat16|__half), ",
+        "the same loop for V <= 4,096 (a warp per row, 8 rows per 256-thread CTA)",
+        block=256, min_ctas=6, wide_loads=True, max_ipe=10.0),
+    Family(
+        "grpo forward fp32", r"^logprobs_fwd_(cta|warp)_kernel<float, ",
+        "fp32 logits: the same loop, 4 logits per 16-byte load",
+        min_ctas=3, wide_loads=True, max_ipe=10.0),
+    Family(
+        "grpo backward 16-bit", r"^logprobs_bwd_(cta|warp)_kernel<(__nv_bfloat16|__half)",
+        "d loss / d logits in one read + one write, optionally in place: branch-free (no compare per element: "
+        "the target's owner rewrites it), 16-byte loads and stores on the row path (6.0 instructions per "
+        "element, 8.0 with an entropy gradient); the element-wise loop for differently aligned in/out rows "
+        "is the documented fallback",
+        min_ctas=3, wide_loads=True, wide_loop_stores=True, hot_order=True, max_ipe=10.0),
+    Family(
+        "grpo backward fp32", r"^logprobs_bwd_(cta|warp)_kernel<float",
+        "the same for fp32 logits",
+        min_ctas=3, wide_loads=True, wide_loop_stores=True, hot_order=True, max_ipe=10.0),
+    Family(
+        "grpo single-read cluster 16-bit", r"^grpo_loss_cluster_kernel<(__nv_bfloat16|__half), 512, ",
+        "single-read grpo_loss: one thread-block cluster per row, the row kept in shared memory "
+        "(LDG.E.128 -> STS.128 while folding the state; LDS.128 -> STG.E.128 for the gradient), row "
+        "statistics merged through distributed shared memory between two cluster barriers; 3 CTAs/SM "
+        "(40 registers; the reference row's 76,032 B dynamic slices fit 3 per SM: grpo_layout.h)",
+        block=512, min_ctas=3, wide_loads=True, wide_loop_stores=True, cluster_barriers=True, max_ipe=10.0),
+    Family(
+        "grpo single-read cluster, small rows and fp32", r"^grpo_loss_cluster_kernel<",
+        "every instantiation (128-thread CTAs for slices <= 16 KB; fp32 logits at 64 registers)",
+        min_ctas=2, wide_loads=True, wide_loop_stores=True, cluster_barriers=True, max_ipe=10.0),
+    Family(
+        "grpo upstream scale", r"^scale_rows_kernel<",
+        "the single-read backward: x *= g, skipped on the device when g == 1; 16-byte loads and stores",
+        block=256, min_ctas=8, wide_loads=True, wide_loop_stores=True, hot_order=True),
+    Family(
+        "grpo fp64 rows (tests only)", r"^logprobs_(fwd|bwd)_(cta|warp)_kernel<double",
+        "fp64 logits exist for reference-precision tests: compiled with the registers they need (no "
+        "launch-bound minimum), so nothing spills inside a loop",
+        min_ctas=1),
+    Family(
+        "grpo token kernels", r"^grpo_token(_grads)?_kernel<",
+        "one thread per token (per-token terms, two-pass coefficients)",
+        block=256, min_ctas=4),
 ]
 
 
@@ -196,6 +261,21 @@ def check(family: Family, prop: str, kernels: list) -> tuple[bool, str]:
             if ipe is None or ipe > family.max_ipe:
                 bad.append(f"{k.name}: {ipe} instructions/element in the loop at {hot and hot['src']}, "
                            f"want <= {family.max_ipe}")
+        elif prop == "wide_loop_stores":
+            stored = 0
+            for lp in k.loops:
+                if not lp["stg"] or any(w != "128" and v for w, v in lp["ldg"].items()):
+                    continue
+                stored += 1
+                narrow = {w: v for w, v in lp["stg"].items() if w != "128" and v}
+                if narrow:
+                    bad.append(f"{k.name}: stores by width {lp['stg']} in the loop at {lp['src']} (want only 128-bit)")
+            if not stored:
+                bad.append(f"{k.name}: no loop stores to global memory")
+        elif prop == "cluster_barriers":
+            arv, wait = k.totals.get("cga_arv", 0), k.totals.get("cga_wait", 0)
+            if arv < 2 or wait < 2:
+                bad.append(f"{k.name}: {arv} UCGABAR_ARV / {wait} UCGABAR_WAIT (want >= 2 each)")
         else:
             raise ValueError(f"unknown property {prop!r}")
     if bad:

@@ -321,6 +321,31 @@ def test_no_local_flags_a_spill_inside_a_streaming_loop():
     assert not ok and "k.cu:13" in detail
 
 
+def test_wide_loop_stores_and_cluster_barriers_on_the_canned_kernel():
+    """The two properties the GRPO rows add: a loop whose loads are all 128-bit must store 128-bit
+    too (the canned streaming loop stores two 32-bit STG.E: flagged; the store-only zero fill is
+    fine), and a cluster kernel must arrive at and wait on at least two cluster barriers."""
+    fam = sass_spec.Family("canned", r"^kernel<", "test", wide_loop_stores=True, cluster_barriers=True)
+    assert fam.checked() == ["no_local", "wide_loop_stores", "cluster_barriers"]
+    k = _canned_kernel()
+    ok, detail = sass_spec.check(fam, "wide_loop_stores", [k])
+    assert not ok and "'32': 2" in detail and "k.cu:13" in detail
+    ok, detail = sass_spec.check(fam, "cluster_barriers", [k])
+    assert not ok and "0 UCGABAR_ARV / 0 UCGABAR_WAIT" in detail
+    text = CANNED
+    for a, b in (("STG.E desc[UR4][R10.64], R17", "STG.E.128 desc[UR4][R10.64], R16"),
+                 ("STG.E desc[UR4][R10.64+0x4], R17", "STG.E.128 desc[UR4][R10.64+0x10], R16"),
+                 ("S2R R0, SR_TID.X", "UCGABAR_ARV"), ("IADD3 R3, R3, 0x20, RZ", "UCGABAR_WAIT"),
+                 ("MUFU.RCP R9, R8", "UCGABAR_ARV"), ("LDC R1, c[0x0][0x28]", "UCGABAR_WAIT")):
+        assert a in text
+        text = text.replace(a, b)
+    code, info, labels = sass_report.parse_functions(text)
+    k2 = sass_report.analyze_function(NAME, MANGLED, "k", code[MANGLED], labels[MANGLED], info[MANGLED], {"REG": 32})
+    assert k2.totals["cga_arv"] == 2 and k2.totals["cga_wait"] == 2
+    assert sass_spec.check(fam, "wide_loop_stores", [k2])[0]
+    assert sass_spec.check(fam, "cluster_barriers", [k2])[0]
+
+
 def test_report_degrades_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TSPARSE_NVDISASM", str(tmp_path / "missing-nvdisasm"))
     fake = tmp_path / "_C.so"
