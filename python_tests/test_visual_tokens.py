@@ -796,6 +796,8 @@ def test_summary_bad_inputs():
         summary_tokens(x.long(), keep, grid)
     with pytest.raises(ValueError, match="summary_tokens.*kept_counts"):
         summary_tokens(x, keep, grid, kept_counts=[5])
+    with pytest.raises(ValueError, match="summary_tokens.*`kept_counts` does not match"):
+        summary_tokens(x, keep, grid, kept_counts=[2])  # in range, but not the mask's count
     y, _, _, s = summary_tokens(torch.randn(0, 3), torch.zeros(0, dtype=torch.bool), torch.zeros(0, 3, dtype=torch.int64))
     assert y.shape == (0, 3) and s.shape == (0,)
 

@@ -7,8 +7,8 @@ one of these methods (``shared/notes/anchors.md`` says where each published meth
 
 * ``"dense"`` - keeps every token (the reference every ratio is measured against).
 * ``"grounded"`` - tsparse's method: the tokens inside the localization stream's boxes
-  (:func:`~tsparse.dualstream.pruning.sparse_stream_inputs`: ``select_visual_tokens``, fusion on
-  or off, fallback to the full image). Its keep ratio is whatever the boxes cover.
+  (:func:`~tsparse.dualstream.pruning.sparse_stream_inputs`: ``select_visual_tokens`` with the
+  named fusion method, fallback to the full image). Its keep ratio is whatever the boxes cover.
 * ``"random"`` - a uniformly random subset of each image's tokens (seeded per image).
 * ``"pool"`` - uniform spatial pooling: the image's token grid cut into ``k`` near-equal blocks
   on a regular lattice; each block becomes one token (the mean of its tokens) at the position of

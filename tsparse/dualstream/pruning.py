@@ -28,7 +28,7 @@ An image with no usable box keeps all its tokens (``fallback="full_image"``) or 
 (``"drop_image"``). Several images per sample are supported; boxes are given per sample
 (applying to each of its images: ``box_scope="sample"``) or per image.
 
-With a box covering the whole image (fusion on or off) the sparse inputs reproduce the dense
+With a box covering the whole image (any fusion method) the sparse inputs reproduce the dense
 forward exactly (tested). Videos are not supported.
 
 :func:`assemble_sparse_inputs` does steps 2-4 for any other choice of kept tokens (the pruning

@@ -559,6 +559,18 @@ def summary_tokens(
     if len(counts) != len(sizes) or any(not 0 <= c <= n for c, n in zip(counts, sizes)):
         raise ValueError(f"tsparse.{op}: `kept_counts` {counts[:4]} does not fit the images' token counts {sizes[:4]}")
     n, dev = x.shape[0], x.device
+    if kept_counts is not None and n:
+        # The caller's counts size the output: they must be the mask's own (checked without a host
+        # sync on a GPU: an asynchronous device assert, like fuse_tokens' check).
+        csum = torch.cat([keep.new_zeros(1, dtype=torch.int64), torch.cumsum(keep.to(torch.int64), 0)])
+        bounds = torch.tensor(offsets, dtype=torch.int64).to(dev, non_blocking=True)
+        ok = ((csum[bounds[1:]] - csum[bounds[:-1]]) == torch.tensor(counts, dtype=torch.int64).to(dev)).all()
+        msg = f"tsparse.{op}: `kept_counts` does not match the number of kept tokens of `keep` in each image"
+        if dev.type == "cpu":
+            if not bool(ok):
+                raise ValueError(msg)
+        else:
+            torch._assert_async(ok, msg)
     with_slot = [i for i, (c, m) in enumerate(zip(counts, sizes)) if 0 < c < m]
     if not with_slot:
         idx = torch.nonzero_static(keep, size=sum(counts)).reshape(-1)
