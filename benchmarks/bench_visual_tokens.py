@@ -30,7 +30,14 @@ from typing import Callable, Optional
 import torch
 
 from tsparse import reference as ref
-from tsparse.ops import box_to_patch_mask, fuse_tokens, gather_tokens, scatter_tokens, select_visual_tokens
+from tsparse.ops import (
+    FUSION_METHODS,
+    box_to_patch_mask,
+    fuse_tokens,
+    gather_tokens,
+    scatter_tokens,
+    select_visual_tokens,
+)
 
 from .common import Row, Timer, compiled
 
@@ -197,12 +204,13 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
     del a, b, xf, yf, gy, ye
     log("  fuse done")
 
-    # ---- the composition users call ---------------------------------------------------
-    for fuse in (False, True):
+    # ---- the composition users call, one row per fusion method ---------------------------
+    for fuse in FUSION_METHODS:
         t_sel = timer(lambda: select_visual_tokens(x, boxes, box_offsets, grid, fuse=fuse))
-        t_sel_ref = Timer(device, warmup=1, iters=3)(
-            lambda: ref.select_visual_tokens_ref(x, boxes, box_offsets, grid, fuse=fuse)
-        ) if size != "full" or not fuse else None
+        # the references of the spatial methods are per-token Python loops: small sizes only
+        slow_ref = fuse != "none" and (size == "full" or fuse in ("nearest_kept", "summary"))
+        t_sel_ref = None if slow_ref else Timer(device, warmup=1, iters=3)(
+            lambda: ref.select_visual_tokens_ref(x, boxes, box_offsets, grid, fuse=fuse))
         rows.append(Row(f"select_visual_tokens fuse={fuse}", shape, dt, t_sel["median_ms"],
                         "reference" if t_sel_ref else "-", t_sel_ref["median_ms"] if t_sel_ref else None,
                         gbytes=gbytes(f"select fuse={fuse}", n, m, m, d, e)))

@@ -44,6 +44,11 @@ TORCH_LIBRARY(tsparse, m) {
   m.def(
       "fuse_tokens(Tensor x, Tensor keep, int[] token_offsets, int[] kept_counts) -> "
       "(Tensor y, Tensor assign, Tensor inv_count)");
+  // The same with the winner chosen by distance: each dropped token joins the kept token of its
+  // image nearest in `coords` (float64 [N, C], e.g. (t, row, col)); ties: the lowest index.
+  m.def(
+      "fuse_tokens_nearest(Tensor x, Tensor keep, Tensor coords, int[] token_offsets, "
+      "int[] kept_counts) -> (Tensor y, Tensor assign, Tensor inv_count)");
   // Internal: out[r] = row_map[r] >= 0 ? (src ? src[row_map[r]] * row_scale : 0)
   //                                     : (fill ? fill[r] : 0)
   m.def("compose_rows(Tensor? src, Tensor row_map, Tensor? fill, Tensor? row_scale) -> Tensor");

@@ -308,7 +308,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_cpu(const at::Tensor&
                                                                at::IntArrayRef token_offsets,
                                                                at::IntArrayRef kept_counts) {
   static const RowKernels kernels{&compose_rows_cpu, &segment_reduce_rows_cpu, &row_inv_norms_cpu};
-  return fuse_tokens_impl(x, keep, token_offsets, kept_counts, kernels);
+  return fuse_tokens_impl(x, keep, c10::nullopt, token_offsets, kept_counts, kernels);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_nearest_cpu(const at::Tensor& x,
+                                                                       const at::Tensor& keep,
+                                                                       const at::Tensor& coords,
+                                                                       at::IntArrayRef token_offsets,
+                                                                       at::IntArrayRef kept_counts) {
+  static const RowKernels kernels{&compose_rows_cpu, &segment_reduce_rows_cpu, &row_inv_norms_cpu};
+  return fuse_tokens_impl(x, keep, coords, token_offsets, kept_counts, kernels);
 }
 }  // namespace
 
@@ -320,6 +329,7 @@ TORCH_LIBRARY_IMPL(tsparse, CPU, m) {
   m.impl("segment_reduce_rows", &segment_reduce_rows_cpu);
   m.impl("row_inv_norms", &row_inv_norms_cpu);
   m.impl("fuse_tokens", &fuse_tokens_cpu);
+  m.impl("fuse_tokens_nearest", &fuse_tokens_nearest_cpu);
 }
 
 }  // namespace tsparse

@@ -222,7 +222,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_cuda(const at::Tensor
   c10::cuda::CUDAGuard guard(x.device());
   static const RowKernels kernels{&compose_rows_cuda, &segment_reduce_rows_cuda,
                                   &row_inv_norms_cuda};
-  return fuse_tokens_impl(x, keep, token_offsets, kept_counts, kernels);
+  return fuse_tokens_impl(x, keep, c10::nullopt, token_offsets, kept_counts, kernels);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_nearest_cuda(const at::Tensor& x,
+                                                                        const at::Tensor& keep,
+                                                                        const at::Tensor& coords,
+                                                                        at::IntArrayRef token_offsets,
+                                                                        at::IntArrayRef kept_counts) {
+  check_cuda(x, "fuse_tokens_nearest", "x");
+  c10::cuda::CUDAGuard guard(x.device());
+  static const RowKernels kernels{&compose_rows_cuda, &segment_reduce_rows_cuda,
+                                  &row_inv_norms_cuda};
+  return fuse_tokens_impl(x, keep, coords, token_offsets, kept_counts, kernels);
 }
 }  // namespace
 
@@ -234,6 +246,7 @@ TORCH_LIBRARY_IMPL(tsparse, CUDA, m) {
   m.impl("segment_reduce_rows", &segment_reduce_rows_cuda);
   m.impl("row_inv_norms", &row_inv_norms_cuda);
   m.impl("fuse_tokens", &fuse_tokens_cuda);
+  m.impl("fuse_tokens_nearest", &fuse_tokens_nearest_cuda);
 }
 
 }  // namespace tsparse

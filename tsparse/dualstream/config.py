@@ -242,9 +242,14 @@ class RewardWeights:
 @dataclass(frozen=True)
 class PruningConfig:
     """How a localization response's boxes prune the sparse stream's visual tokens
-    (see :func:`tsparse.dualstream.pruning.sparse_stream_inputs`)."""
+    (see :func:`tsparse.dualstream.pruning.sparse_stream_inputs`).
 
-    fuse: bool = True
+    ``fuse``: the fusion method of the dropped tokens, one of
+    :data:`tsparse.ops.FUSION_METHODS` (``none``, ``cosine_mean``, ``nearest_kept``,
+    ``summary``); ``true`` / ``false`` (what the key used to hold) still mean ``cosine_mean`` /
+    ``none`` and are stored as those names."""
+
+    fuse: str = "cosine_mean"
     fallback: str = "full_image"
     box_scope: str = "sample"
     margin: float = 0.0
@@ -252,8 +257,9 @@ class PruningConfig:
     padding_side: str = "left"
 
     def __post_init__(self):
-        if not isinstance(self.fuse, bool):
-            raise ValueError(f"`pruning.fuse` must be a bool, got {self.fuse!r}")
+        from ..ops.visual_tokens import fusion_method
+
+        object.__setattr__(self, "fuse", fusion_method(self.fuse, "pruning.fuse"))
         _choice(self.fallback, ("full_image", "drop_image"), "pruning.fallback")
         _choice(self.box_scope, ("sample", "image"), "pruning.box_scope")
         _choice(self.padding_side, ("left", "right"), "pruning.padding_side")
