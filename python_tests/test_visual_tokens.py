@@ -943,3 +943,26 @@ def test_gather_and_scatter_rows_with_partial_trips(device, cols):
     expect = torch.zeros_like(x)
     expect[idx] = x[idx]
     assert torch.equal(out, expect)
+
+
+# --------------------------------------------------------------------------------------
+# Review 2026-12-05: `num_tokens` on host metadata. A given value gives the same mask as the
+# computed one; a wrong one names `num_tokens`; and it is checked only AFTER the grid rows it is
+# computed from, so a bad grid is reported as a bad grid (it was reported as a `num_tokens`
+# mismatch whenever the caller's count differed from the floor-divided sum).
+def test_box_mask_num_tokens_on_host_metadata(device):
+    grid = torch.tensor([[1, 8, 8], [2, 4, 6], [1, 2, 2]])
+    boxes, offsets = random_boxes(3, grid)
+    n = num_tokens(grid)
+    keep, counts = box_to_patch_mask(boxes.to(device), offsets, grid)
+    keep2, counts2 = box_to_patch_mask(boxes.to(device), offsets, grid, num_tokens=n)
+    assert torch.equal(keep2.cpu(), keep.cpu()) and torch.equal(counts2.cpu(), counts.cpu())
+    for wrong in (n - 1, n + 1):
+        with pytest.raises(ValueError, match="`num_tokens` = "):
+            box_to_patch_mask(boxes.to(device), offsets, grid, num_tokens=wrong)
+    for bad in (-1, 2.0, True, torch.tensor(n)):
+        with pytest.raises(ValueError, match="`num_tokens` must be"):
+            box_to_patch_mask(boxes.to(device), offsets, grid, num_tokens=bad)
+    odd = torch.tensor([[1, 4, 6], [1, 4, 3]])  # w = 3 is not a multiple of merge_size = 2
+    with pytest.raises(ValueError, match="multiples of merge_size"):
+        box_to_patch_mask(boxes[:2].to(device), torch.tensor([0, 1, 2]), odd, num_tokens=9)
