@@ -209,3 +209,32 @@ def test_box_mask_device_plan_beyond_one_block_of_images(n_img):
     keep_cpu, counts_cpu = box_to_patch_mask(boxes, offsets, grid, empty="drop_all")
     keep, counts = box_to_patch_mask(boxes.cuda(), offsets.cuda(), grid.cuda(), num_tokens=n, empty="drop_all")
     assert torch.equal(keep.cpu(), keep_cpu) and torch.equal(counts.cpu(), counts_cpu)
+
+
+@pytest.mark.parametrize("meta", ["cpu", "mixed"])
+def test_box_mask_pinned_tables_outlive_their_async_copies(meta):
+    # The per-image table (host metadata) and the pinned copy of CPU metadata (mixed) go to the GPU
+    # by non_blocking copies from pinned memory that is freed when the op returns; the caching host
+    # allocator must not hand that memory to the next call before its copy has run. Queue the
+    # copies behind a long kernel so 64 calls are in flight at once, each with a different table.
+    cases = []
+    for k in range(64):
+        n_img = 1 + k % 5
+        grid = torch.tensor([[1 + k % 2, 2 * (1 + (k + i) % 7), 2 * (1 + (k * i) % 5)] for i in range(n_img)])
+        boxes = torch.rand(n_img, 4) * 0.5
+        boxes[:, 2:] += 0.5
+        offsets = torch.arange(n_img + 1)
+        cases.append((boxes.cuda(), offsets, grid, box_to_patch_mask(boxes, offsets, grid)))
+    results = []
+    offsets_gpu = {id(c[1]): c[1].cuda() for c in cases}
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of every copy below
+    for boxes, offsets, grid, _ in cases:  # boxes already on the GPU: only the op's own copies queue
+        if meta == "cpu":
+            results.append(box_to_patch_mask(boxes, offsets, grid))
+        else:
+            n = int((grid[:, 0] * (grid[:, 1] // 2) * (grid[:, 2] // 2)).sum())
+            results.append(box_to_patch_mask(boxes, offsets_gpu[id(offsets)], grid, num_tokens=n))
+    torch.cuda.synchronize()
+    for (_, _, _, (keep_cpu, counts_cpu)), (keep, counts) in zip(cases, results):
+        assert torch.equal(keep.cpu(), keep_cpu) and torch.equal(counts.cpu(), counts_cpu)
