@@ -241,9 +241,10 @@ def box_to_patch_mask(
 
     Syncs: none when ``box_offsets`` and ``image_grid_thw`` are on the CPU (as the HF processor
     returns them: the per-image table is built on the host and copied from pinned memory
-    asynchronously), and none when they live on a GPU and ``num_tokens`` is given (a small
-    kernel builds the table there and checks the values with device-side asserts). Without
-    ``num_tokens``, GPU metadata is copied to the host once to size the output (one sync).
+    asynchronously), and none when they live on ``boxes``' GPU and ``num_tokens`` is given (a
+    small kernel builds the table there and checks the values with device-side asserts).
+    Otherwise (no ``num_tokens``, CPU ``boxes``, or metadata on another GPU) GPU metadata is
+    copied to the host once (one sync).
     """
     op = "box_to_patch_mask"
     _need_tensor(boxes, op, "boxes")
