@@ -238,3 +238,20 @@ def test_box_mask_pinned_tables_outlive_their_async_copies(meta):
     torch.cuda.synchronize()
     for (_, _, _, (keep_cpu, counts_cpu)), (keep, counts) in zip(cases, results):
         assert torch.equal(keep.cpu(), keep_cpu) and torch.equal(counts.cpu(), counts_cpu)
+
+
+def test_box_mask_does_not_read_a_callers_pinned_metadata_after_returning():
+    # CPU metadata beside GPU metadata goes to the GPU by an async copy. From a caller's tensor that
+    # is already pinned, pin_memory() is the tensor itself, so the copy read it after the op had
+    # returned: a write right after the call (queued behind a long kernel here) changed the mask.
+    grid = torch.tensor([[1, 8, 8], [1, 4, 6]])
+    boxes = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
+    offsets = torch.tensor([0, 1, 3]).pin_memory()
+    expect = box_to_patch_mask(boxes, offsets.clone(), grid)
+    b, g = boxes.cuda(), grid.cuda()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)
+    keep, counts = box_to_patch_mask(b, offsets, g, num_tokens=22)
+    offsets.copy_(torch.tensor([0, 3, 3]))  # still valid, a different mask
+    torch.cuda.synchronize()
+    assert torch.equal(keep.cpu(), expect[0]) and torch.equal(counts.cpu(), expect[1])
