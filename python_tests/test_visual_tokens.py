@@ -1151,3 +1151,57 @@ def test_gather_and_scatter_rows_with_partial_trips(device, cols):
     expect = torch.zeros_like(x)
     expect[idx] = x[idx]
     assert torch.equal(out, expect)
+
+
+# --------------------------------------------------------------------------------------
+# Review 2026-12-05: `num_tokens` on host metadata. A given value gives the same mask as the
+# computed one; a wrong one names `num_tokens`; and it is checked only AFTER the grid rows it is
+# computed from, so a bad grid is reported as a bad grid (it was reported as a `num_tokens`
+# mismatch whenever the caller's count differed from the floor-divided sum).
+def test_box_mask_num_tokens_on_host_metadata(device):
+    grid = torch.tensor([[1, 8, 8], [2, 4, 6], [1, 2, 2]])
+    boxes, offsets = random_boxes(3, grid)
+    n = num_tokens(grid)
+    keep, counts = box_to_patch_mask(boxes.to(device), offsets, grid)
+    keep2, counts2 = box_to_patch_mask(boxes.to(device), offsets, grid, num_tokens=n)
+    assert torch.equal(keep2.cpu(), keep.cpu()) and torch.equal(counts2.cpu(), counts.cpu())
+    for wrong in (n - 1, n + 1):
+        with pytest.raises(ValueError, match="`num_tokens` = "):
+            box_to_patch_mask(boxes.to(device), offsets, grid, num_tokens=wrong)
+    for bad in (-1, 2.0, True, torch.tensor(n)):
+        with pytest.raises(ValueError, match="`num_tokens` must be"):
+            box_to_patch_mask(boxes.to(device), offsets, grid, num_tokens=bad)
+    odd = torch.tensor([[1, 4, 6], [1, 4, 3]])  # w = 3 is not a multiple of merge_size = 2
+    with pytest.raises(ValueError, match="multiples of merge_size"):
+        box_to_patch_mask(boxes[:2].to(device), torch.tensor([0, 1, 2]), odd, num_tokens=9)
+
+
+# The segment reduction and the scaled rows on every layout the CUDA launchers choose a width for:
+# 16-byte packs (contiguous), a row stride that breaks them ("row_stride": D + 1), a base pointer
+# that breaks them ("offset"), every other row, and no members at all; long segments included, so
+# segment_pieces_kernel runs in both its 16-byte and its element flavour. Bit-exact against the
+# shared piece order (the CUDA run of this test is the fallback paths' CPU == CUDA check).
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "row_stride", "offset", "row_strided"])
+def test_segment_reduce_and_scaled_rows_on_every_layout(device, dtype, layout):
+    n, cols = 40, 64
+    if layout == "row_stride":
+        x = torch.randn(n, cols + 1, device=device).to(dtype)[:, :cols]
+    else:
+        x = _rows(n, cols, dtype, device, layout)
+    lengths = [3, 0, 70, 33, 1, 32, 0]
+    offsets = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=device)
+    perm = torch.randint(0, n, (sum(lengths),), device=device)
+    for mean in (False, True):
+        out = torch.ops.tsparse.segment_reduce_rows(x, perm, offsets, mean)
+        assert torch.equal(out.cpu(), _piecewise_segment_sum(x, perm, offsets, mean)), (mean,)
+    empty = torch.ops.tsparse.segment_reduce_rows(x, perm[:0], torch.zeros(4, dtype=torch.int64, device=device), True)
+    assert torch.equal(empty.cpu(), torch.zeros(3, cols, dtype=dtype))
+    row_map = torch.randint(-1, n, (50,), device=device)
+    scale = torch.rand(n, device=device)
+    out = torch.ops.tsparse.compose_rows(x, row_map, None, scale)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    m = row_map.cpu().clamp(min=0)
+    expect = (x.cpu().to(acc)[m] * scale.cpu().to(acc)[m][:, None]).to(dtype)
+    expect[row_map.cpu() < 0] = 0
+    assert torch.equal(out.cpu(), expect)

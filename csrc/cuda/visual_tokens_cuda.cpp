@@ -39,8 +39,14 @@ std::tuple<at::Tensor, at::Tensor> box_to_patch_mask_cuda(
     plan = check_box_mask_args(boxes, box_offsets, image_grid_thw, num_tokens, patch_size, merge_size, margin,
                                min_coverage);
     if (plan.num_images > 0) {
+      // CPU metadata beside GPU metadata: copied through a FRESH pinned buffer. (pin_memory()
+      // returns a caller's already-pinned tensor itself, and the async copy would then read it
+      // after the op returned, racing with the caller's next write to it.)
       auto on_device = [&](const at::Tensor& t) {
-        return (t.device().is_cpu() ? t.pin_memory().to(boxes.device(), /*non_blocking=*/true) : t).contiguous();
+        if (!t.device().is_cpu()) return t.contiguous();
+        at::Tensor staged = at::empty(t.sizes(), t.options().pinned_memory(true));
+        staged.copy_(t);
+        return staged.to(boxes.device(), /*non_blocking=*/true);
       };
       const at::Tensor grid = on_device(image_grid_thw);
       const at::Tensor offs = on_device(box_offsets);

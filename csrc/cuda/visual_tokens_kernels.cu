@@ -57,9 +57,11 @@ unsigned grid_for(int64_t rows, int lanes_log2) {
   return static_cast<unsigned>(blocks);
 }
 
-// In-row offsets of `units` units (plus one trip of up to 32 lanes x kUnroll past the end)
-// fit in 32 bits: the row kernels then use uint32_t offsets.
-bool fits_u32(int64_t units) { return units >= 0 && units <= int64_t(UINT32_MAX) - 32 * kUnroll; }
+// In-row offsets of `units` units (plus one step of any row loop past the end: a trip of up to
+// 32 lanes x kUnroll, or segment_pieces_kernel's stride of kThreads) fit in 32 bits: the row
+// kernels then use uint32_t offsets.
+constexpr int64_t kOffSlack = 32 * kUnroll > kThreads ? 32 * kUnroll : kThreads;
+bool fits_u32(int64_t units) { return units >= 0 && units <= int64_t(UINT32_MAX) - kOffSlack; }
 
 // ---------------------------------------------------------------------------------
 // Device-side contract violations. Like PyTorch's CUDA_KERNEL_ASSERT these abort the

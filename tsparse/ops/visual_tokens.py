@@ -300,9 +300,10 @@ def box_to_patch_mask(
 
     Syncs: none when ``box_offsets`` and ``image_grid_thw`` are on the CPU (as the HF processor
     returns them: the per-image table is built on the host and copied from pinned memory
-    asynchronously), and none when they live on a GPU and ``num_tokens`` is given (a small
-    kernel builds the table there and checks the values with device-side asserts). Without
-    ``num_tokens``, GPU metadata is copied to the host once to size the output (one sync).
+    asynchronously), and none when they live on ``boxes``' GPU and ``num_tokens`` is given (a
+    small kernel builds the table there and checks the values with device-side asserts).
+    Otherwise (no ``num_tokens``, CPU ``boxes``, or metadata on another GPU) GPU metadata is
+    copied to the host once (one sync).
     """
     op = "box_to_patch_mask"
     _need_tensor(boxes, op, "boxes")
@@ -321,17 +322,18 @@ def box_to_patch_mask(
         raise TypeError(f"tsparse.{op}: `box_offsets` must be int32 or int64, got {box_offsets.dtype}")
     if num_tokens is not None and (not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0):
         raise ValueError(f"tsparse.{op}: `num_tokens` must be a non-negative int or None, got {num_tokens!r}")
-    if num_tokens is not None and (image_grid_thw.device.type != "cpu" or box_offsets.device.type != "cpu"):
+    # The device plan needs every GPU-resident piece of metadata on `boxes`' device (the op runs
+    # there); CPU boxes or metadata on another GPU take the host path, as without `num_tokens`.
+    meta_on_gpu = [t for t in (image_grid_thw, box_offsets) if t.device.type != "cpu"]
+    if num_tokens is not None and meta_on_gpu and all(t.device == boxes.device for t in meta_on_gpu):
         grid, offsets = image_grid_thw, box_offsets  # planned and checked on the device: no sync
     else:
         grid, offsets = _host_metadata(image_grid_thw, box_offsets)
-        described = 0
-        if grid.dim() == 2 and grid.shape[1] == 3:
-            described = sum(t * (h // merge_size) * (w // merge_size) for t, h, w in grid.tolist())
-        if num_tokens is not None and num_tokens != described:
-            raise ValueError(f"tsparse.{op}: `num_tokens` = {num_tokens} but `image_grid_thw` describes "
-                             f"{described} merged tokens")
-        num_tokens = described
+        if num_tokens is None:
+            num_tokens = 0
+            if grid.dim() == 2 and grid.shape[1] == 3:
+                num_tokens = sum(t * (h // merge_size) * (w // merge_size) for t, h, w in grid.tolist())
+        # a given `num_tokens` is checked by the op, after the grid rows it is computed from
     if invalid_boxes == "raise":
         _raise_on_invalid_boxes(boxes, op)
     return _ops.box_to_patch_mask(
