@@ -3,7 +3,8 @@
 #               the dual-stream trainer on the tiny model and synthetic scans (configs/demo.yaml)
 #   make test   the same setup, then the whole test suite
 # Other targets: make bench (benchmarks and the op report), make wheel (a wheel with the CUDA
-# kernels), make build (incremental rebuild of tsparse._C), make lock (re-pin requirements/dev.lock).
+# kernels), make build (incremental rebuild of tsparse._C), make lock (re-pin requirements/dev.lock),
+# make oldest-torch (build + op tests on torch 2.8 in a separate venv, regenerates the torch API manifest).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -61,6 +62,13 @@ info: build
 
 lock:
 	scripts/lock.sh
+
+# The oldest supported torch (2.8.0, pyproject's torch>=2.8): a separate venv (VENV_OLDEST=...), a CPU-only
+# build in a scratch copy, the op tests, then scripts/torch_api_manifest.json regenerated from it
+# (python_tests/test_torch_api.py checks the code against that manifest on every test run).
+.PHONY: oldest-torch
+oldest-torch:
+	scripts/check_oldest_torch.sh $(VENV_OLDEST)
 
 clean:
 	rm -rf build dist *.egg-info tsparse/_C*.so csrc/generated bench_results
