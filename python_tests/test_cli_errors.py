@@ -121,7 +121,8 @@ def test_train_flags_and_keys(bad, tmp_path, capsys):
     _one_line(capsys, "--bogus")
     assert _train(bad, tmp_path, "stages.warmup.stepz=1") == 2
     _one_line(capsys, "stages.warmup.stepz")
-    assert _train(bad, tmp_path, "--model", str(bad / "nothere")) == 2
+    assert _train(bad, tmp_path, "--model", str(bad / "nothere"), f"data.synthetic_root={tmp_path / 'scans'}",
+                  "data.synthetic_splits={train: 2}") == 2
     _one_line(capsys, "model.path", "nothere")
     assert _train(bad, tmp_path, "--resume-from", str(tmp_path / "nockpt")) == 2
     _one_line(capsys, "nockpt")

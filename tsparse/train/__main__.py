@@ -41,7 +41,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value overrides may sit between flags
     from .config import load_train_config
     from .metrics import format_summary
 

@@ -175,14 +175,14 @@ class Trainer:
             self.resume_from = Path(resume)
             payload = ckpt.load_trainer_state(self.resume_from)  # the one asked for: an error if damaged
 
+        # Data first: a bad data path fails before a large model is loaded.
+        self.train_samples, self.val_samples = self._load_data()
         model_path = str(self.resume_from / "model") if self.resume_from else config.model.path
         if model_path is None:
             raise ConfigError("`model.path` is not set: pass --model PATH (a local Qwen2.5-VL-family checkpoint) "
                               "or model.path=tiny")
         if model_path != "tiny" and not Path(model_path).is_dir():
             raise ConfigError(f"`model.path` (--model): {model_path!r} is neither 'tiny' nor a checkpoint folder")
-        # Data next: a bad data path fails before a large model is loaded.
-        self.train_samples, self.val_samples = self._load_data()
         self.model_path = model_path
         self.model, self.processor = load_model_and_processor(
             model_path, dtype=self.dtype, device=self.device, tiny_config=config.model.tiny_config)
