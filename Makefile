@@ -4,7 +4,8 @@
 #   make test   the same setup, then the whole test suite
 # Other targets: make bench (benchmarks and the op report), make wheel (a wheel with the CUDA
 # kernels), make build (incremental rebuild of tsparse._C), make sass (what the compiled kernels
-# do, read from their SASS; no GPU needed), make lock (re-pin requirements/dev.lock).
+# do, read from their SASS; no GPU needed), make lock (re-pin requirements/dev.lock),
+# make oldest-torch (build + op tests on torch 2.8 in a separate venv, regenerates the torch API manifest).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -70,6 +71,13 @@ info: build
 
 lock:
 	scripts/lock.sh
+
+# The oldest supported torch (2.8.0, pyproject's torch>=2.8): a separate venv (VENV_OLDEST=...), a CPU-only
+# build in a scratch copy, the op tests, then scripts/torch_api_manifest.json regenerated from it
+# (python_tests/test_torch_api.py checks the code against that manifest on every test run).
+.PHONY: oldest-torch
+oldest-torch:
+	scripts/check_oldest_torch.sh $(VENV_OLDEST)
 
 clean:
 	rm -rf build dist *.egg-info tsparse/_C*.so csrc/generated bench_results

@@ -633,11 +633,46 @@ def _default_out(root: str, model: str, data_label: str) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m tsparse.eval``; see the module docs."""
+    """``python -m tsparse.eval``; see the module docs. A user's mistake prints one line on stderr
+    naming it and returns 2 (``--debug`` / ``TSPARSE_DEBUG=1``: the traceback)."""
+    from ._cli import run
+
+    return run(_main, argv, "python -m tsparse.eval")
+
+
+def _check_eval_args(args) -> Optional[Union[str, float]]:
+    """Checks the flags before any data or model is loaded; returns ``--keep-ratio`` parsed
+    (``"match"``, a float, or ``None`` when not given)."""
+    from ._cli import UsageError
+    from .infer import _check_keep_ratio, _check_model_args, _check_modes, _positive
+
+    _check_model_args(args)
+    for flag, path in (("--data", args.data), ("--score", args.score)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag}: no such file {path!r}")
+    if args.mode is not None:
+        _check_modes([m.strip() for m in args.mode.split(",")])
+    keep = args.keep_ratio
+    if keep is not None and keep != "match":
+        try:
+            keep = float(keep)
+        except ValueError:
+            raise UsageError(f"--keep-ratio must be 'match' or a number in (0, 1], got {args.keep_ratio!r}") from None
+        _check_keep_ratio(keep)
+    if args.limit is not None and args.limit < 0:
+        raise UsageError(f"--limit must be >= 0, got {args.limit}")
+    _positive(args.batch_size, "--batch-size")
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    _positive(args.localization_max_new_tokens, "--localization-max-new-tokens")
+    return keep
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    from ._cli import ArgumentParser
     from .infer import TokenSparseInference, _add_model_args, _load, default_data_root, load_eval_config
 
-    p = argparse.ArgumentParser(prog="python -m tsparse.eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m tsparse.eval", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
     p.set_defaults(model=None)
     p.add_argument("--data", default=None, help="evaluation file (ViTAR-style or HuatuoGPT-Vision layout)")
@@ -663,6 +698,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="named localization prompt(s) of the sparse mode with generated boxes (full, box_only, or a "
                         "name under inference.localization_prompts); several: one run each and a comparison table")
     args = p.parse_args(argv)
+    keep_arg = _check_eval_args(args)
 
     ecfg = load_eval_config(args.config)
     ev = ecfg["eval"]
@@ -690,7 +726,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     over = {k: v for k, v in {
         "boxes": args.boxes or emb.get("boxes"), "answer": args.answer or emb.get("answer"), "fuse": args.fuse,
         "max_new_tokens": args.max_new_tokens, "localization_max_new_tokens": args.localization_max_new_tokens,
-        "batch_size": args.batch_size or emb.get("batch_size"),
+        "batch_size": args.batch_size if args.batch_size is not None else emb.get("batch_size"),
     }.items() if v is not None}
     from .ops.visual_tokens import fusion_method
 
@@ -710,16 +746,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.boxes:
             over["boxes"] = "generated"  # the localization stream must run for its prompt to matter
     cfg = dataclasses.replace(ecfg["inference"], **over)
-    modes = args.mode.split(",") if args.mode else list(ev.get("modes", ["dense", "sparse"]))
+    modes = [m.strip() for m in args.mode.split(",")] if args.mode else list(ev.get("modes", ["dense", "sparse"]))
     if fusions or prompts:  # an ablation: the sparse variants against dense (baselines only when asked)
-        modes = args.mode.split(",") if args.mode else ["dense", "sparse"]
+        modes = [m.strip() for m in args.mode.split(",")] if args.mode else ["dense", "sparse"]
         modes = modes + [m for m in ("dense", "sparse") if m not in modes]
-    keep = args.keep_ratio if args.keep_ratio is not None else ev.get("keep_ratio", "match")
-    if keep != "match":
-        try:
-            keep = float(keep)
-        except ValueError:
-            p.error(f"--keep-ratio must be 'match' or a number, got {keep!r}")
+    keep = keep_arg if keep_arg is not None else ev.get("keep_ratio", "match")
     items = load_eval_samples(data, limit=limit, skip_open=bool(ev.get("skip_open", True)))
     out = Path(args.out) if args.out else _default_out(str(ev.get("out_root", "eval_results")), model_name, data_label)
 

@@ -59,7 +59,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 
 from .dualstream.config import MethodConfig, StreamPrompt, load_method_config, load_yaml
-from .dualstream.data import VQASample, load_images, parse_options
+from ._cli import ArgumentParser, UsageError
+from ._cli import run as run_cli
+from .dualstream.data import VQASample, check_image_file, load_images, parse_options
 from .dualstream.format import extract_answer, parse_boxes
 from .dualstream.pruning import SparseInputs, extend_sparse_inputs, image_features, sparse_generate
 from .dualstream.rewards import parse_choice
@@ -772,6 +774,46 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (torch.set_num_threads)")
 
 
+def _positive(value, flag: str) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{flag} must be >= 1, got {value}")
+
+
+def _check_keep_ratio(value, flag: str = "--keep-ratio") -> None:
+    if value is not None and not 0.0 < value <= 1.0:
+        raise UsageError(f"{flag} must be in (0, 1], got {value:g}")
+
+
+def _check_modes(modes: Sequence[str], flag: str = "--mode") -> None:
+    for m in modes:
+        try:
+            parse_mode(m)
+        except ValueError:
+            raise UsageError(f"{flag}: unknown mode {m!r}; use dense, sparse or "
+                             f"baseline:<{'|'.join(BASELINES)}>") from None
+
+
+def _check_model_args(args) -> None:
+    """Checks the flags of :func:`_add_model_args` before anything is loaded: ``--model`` is
+    ``tiny`` or a folder, ``--device`` parses and (CUDA) is usable, ``--threads`` >= 1."""
+    if args.model not in (None, "tiny") and not Path(args.model).is_dir():
+        raise UsageError(f"--model: {args.model!r} is neither 'tiny' nor a local checkpoint folder")
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device: {args.device!r} is not a device (cpu, cuda or cuda:N)") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UsageError(f"--device {args.device}: no CUDA device is usable here "
+                                 f"(torch {torch.__version__}, CUDA {torch.version.cuda}); use --device cpu")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+        elif dev.type != "cpu":
+            raise UsageError(f"--device: {args.device!r} is not supported (cpu, cuda or cuda:N)")
+    _positive(args.threads, "--threads")
+
+
 def _load(args):
     from .dualstream.models import load_model_and_processor
 
@@ -783,8 +825,28 @@ def _load(args):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m tsparse.infer``: one question through the pipeline; prints the result."""
-    p = argparse.ArgumentParser(prog="python -m tsparse.infer", description=__doc__.split("\n\n")[0])
+    """``python -m tsparse.infer``: one question through the pipeline; prints the result. A user's
+    mistake prints one line on stderr naming it and returns 2 (``--debug``: the traceback)."""
+    return run_cli(_main, argv, "python -m tsparse.infer")
+
+
+def _check_infer_args(args) -> None:
+    _check_model_args(args)
+    if args.mode is not None:
+        _check_modes([args.mode])
+    _check_keep_ratio(args.keep_ratio)
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    _positive(args.localization_max_new_tokens, "--localization-max-new-tokens")
+    if args.index < 0:
+        raise UsageError(f"--index must be >= 0, got {args.index}")
+    for path in args.image or ():
+        check_image_file(path, "--image")
+    if args.data is not None and not Path(args.data).is_file():
+        raise UsageError(f"--data: no such file {args.data!r}")
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    p = ArgumentParser(prog="python -m tsparse.infer", description=__doc__.split("\n\n")[0])
     _add_model_args(p)
     p.add_argument("--image", action="append", default=None, help="an image path (repeat for several)")
     p.add_argument("--question", default=None, help="the question (options as 'A) ...' lines)")
@@ -807,6 +869,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="named localization prompt: full (the method's own) or one under inference.localization_prompts "
                         "of the eval config, e.g. box_only")
     args = p.parse_args(argv)
+    _check_infer_args(args)
 
     ecfg = load_eval_config(args.config)
     known_prompts = [FULL_PROMPT] + sorted(ecfg["inference"].localization_prompts)
@@ -825,6 +888,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             given_boxes = [json.loads(args.boxes)]
         except ValueError:
+            given_boxes = None
+        if given_boxes is None or not isinstance(given_boxes[0], list):
             p.error("--boxes must be 'generated', 'oracle' or a JSON list of [x1, y1, x2, y2] boxes")
     cfg = dataclasses.replace(ecfg["inference"], **over)
     if parse_mode(cfg.mode)[0] == "baseline" and cfg.keep_ratio is None:

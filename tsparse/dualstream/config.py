@@ -88,13 +88,21 @@ def yaml_loader():
 
 
 def load_yaml(name_or_path: PathLike) -> dict:
-    """Reads a YAML config (see :func:`resolve_config_path`) into a dict; ``ValueError`` when
-    the top level is not a mapping. Numbers such as ``1e-6`` are floats (:func:`yaml_loader`)."""
+    """Reads a YAML config (see :func:`resolve_config_path`) into a dict; ``ValueError`` naming
+    the file when it is not UTF-8 text, not valid YAML, or its top level is not a mapping. Numbers such as ``1e-6`` are floats (:func:`yaml_loader`)."""
     import yaml
 
     path = resolve_config_path(name_or_path)
-    with open(path, "r", encoding="utf-8") as f:
-        data = yaml.load(f, Loader=yaml_loader())
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = yaml.load(f, Loader=yaml_loader())
+    except UnicodeDecodeError:
+        raise ValueError(f"config {path}: not a UTF-8 text file (expected YAML)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or getattr(e, "reason", None) or type(e).__name__
+        raise ValueError(f"config {path}: not valid YAML ({what}{where})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
