@@ -352,6 +352,8 @@ def test_cli_fusion_and_localization_prompt_tables(tmp_path, monkeypatch, capsys
     loc = [m for m in s["modes"] if m["mode"] == "sparse"]
     assert {m["settings"]["localization_prompt"] for m in loc} == {"full", "box_only"}
     assert all(0 < m["localization_new_tokens_mean"] <= 4 for m in loc)
-    for bad in (["--fusion", "mean"], ["--localization-prompt", "short"]):
-        with pytest.raises(SystemExit):
-            main(bad + ["--device", "cpu"])
+    capsys.readouterr()
+    for bad, flag in ((["--fusion", "mean"], "--fusion"), (["--localization-prompt", "short"], "--localization-prompt")):
+        assert main(bad + ["--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag in err[0] and "Traceback" not in err[0]
