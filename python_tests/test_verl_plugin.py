@@ -100,9 +100,11 @@ def test_options_parse_and_name_bad_keys():
     assert o.logprobs and o.fused_linear and o.varlen and o.prune_visual and o.stream_loss
     o = TsparseOptions.from_dict({"impl_backend": "tsparse", "varlen": False, "chunk_size": 256,
                                   "pruning": {"fuse": False, "margin": 1}, "stream_weights": [1, 0.5]})
-    assert not o.varlen and o.chunk_size == 256 and not o.pruning.fuse and o.pruning.margin == 1.0
+    assert not o.varlen and o.chunk_size == 256 and o.pruning.fuse == "none" and o.pruning.margin == 1.0
     assert o.stream_weights == (1.0, 0.5)
-    for bad, key in [({"logprob": True}, "logprob"), ({"varlen": "yes"}, "varlen"), ({"chunk_size": 0}, "chunk_size"),
+    for name in ("none", "cosine_mean", "nearest_kept", "summary"):  # the named fusion methods
+        assert TsparseOptions.from_dict({"impl_backend": "tsparse", "pruning": {"fuse": name}}).pruning.fuse == name
+    for bad, key in [({"pruning": {"fuse": "mean"}}, "pruning"), ({"logprob": True}, "logprob"), ({"varlen": "yes"}, "varlen"), ({"chunk_size": 0}, "chunk_size"),
                      ({"pruning": {"box_scope": "image"}}, "pruning.box_scope"),
                      ({"pruning": {"fallback": "nope"}}, "pruning"), ({"stream_weights": [1]}, "stream_weights")]:
         with pytest.raises(ValueError, match=rf"{CONFIG_PREFIX}\.{key}"):

@@ -120,22 +120,112 @@ def fuse_tokens_ref(
     return y, assign
 
 
-def select_visual_tokens_ref(
-    image_embeds: Tensor, boxes: Tensor, box_offsets: Tensor, image_grid_thw: Tensor, *, fuse: bool = True,
-    **mask_options,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Reference of :func:`tsparse.ops.select_visual_tokens`: (embeds, kept index, keep)."""
-    keep, _ = box_to_patch_mask_ref(boxes, box_offsets, image_grid_thw, **mask_options)
-    keep = keep.to(image_embeds.device)
-    index = keep.nonzero().reshape(-1)
-    if not fuse:
-        return image_embeds[index], index, keep
-    m = mask_options.get("merge_size", 2)
+def nearest_assignment_ref(keep: Tensor, token_offsets: Sequence[int], coords: Tensor) -> Tensor:
+    """Each row's output row when every dropped token joins the kept token of its image
+    nearest in ``coords`` (squared Euclidean distance in fp64; ties: the lowest index)."""
+    n = keep.shape[0]
+    assign = torch.full((n,), -1, dtype=torch.int64)
+    c = coords.detach().to(torch.float64).cpu()
+    kcpu = keep.cpu()
+    out_row = 0
+    for i in range(len(token_offsets) - 1):
+        a, b = int(token_offsets[i]), int(token_offsets[i + 1])
+        rows = torch.arange(a, b)
+        kept, dropped = rows[kcpu[a:b]], rows[~kcpu[a:b]]
+        if kept.numel() == 0:
+            continue
+        assign[kept] = torch.arange(out_row, out_row + kept.numel())
+        for r in dropped.tolist():
+            d = ((c[kept] - c[r]) ** 2).sum(1)
+            assign[r] = out_row + int(torch.nonzero(d == d.min())[0])  # the lowest index among ties
+        out_row += kept.numel()
+    return assign.to(keep.device)
+
+
+def token_coords_ref(image_grid_thw: Tensor, merge_size: int = 2) -> Tensor:
+    """float64 [N, 3] (t, row, col) of every merged token, Qwen2.5-VL order (a plain loop)."""
+    rows = []
+    for t, h, w in image_grid_thw.tolist():
+        for tt in range(t):
+            for r in range(h // merge_size):
+                for c in range(w // merge_size):
+                    rows.append((tt, r, c))
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)
+
+
+def summary_tokens_ref(x: Tensor, keep: Tensor, image_grid_thw: Tensor, merge_size: int = 2):
+    """Reference of :func:`tsparse.ops.summary_tokens`: ``(y, assign, keep_out, is_summary)``,
+    a plain per-image loop (the slot: the dropped cell nearest to the image centre in
+    (t, row, col), ties the lowest index; its row the mean of the image's dropped rows)."""
+    keep_out = keep.detach().cpu().clone()
+    slots = {}
+    start = 0
+    for i, (t, h, w) in enumerate(image_grid_thw.tolist()):
+        hh, ww = h // merge_size, w // merge_size
+        n = t * hh * ww
+        k = keep_out[start:start + n]
+        if 0 < int(k.sum()) < n:
+            best = None
+            for j in range(n):
+                if k[j]:
+                    continue
+                tt, r, c = j // (hh * ww), (j // ww) % hh, j % ww
+                d = (tt - (t - 1) / 2) ** 2 + (r - (hh - 1) / 2) ** 2 + (c - (ww - 1) / 2) ** 2
+                if best is None or d < best[0]:
+                    best = (d, j)
+            slots[i] = (start + best[1], list(range(start, start + n)))
+        start += n
+    for slot, _ in slots.values():
+        keep_out[slot] = True
+    kept_rows = keep_out.nonzero().reshape(-1).tolist()
+    out_of = {r: o for o, r in enumerate(kept_rows)}
+    assign = torch.full((keep.shape[0],), -1, dtype=torch.int64)
+    for r in kept_rows:
+        assign[r] = out_of[r]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(acc)[kept_rows].clone() if kept_rows else x.new_zeros(0, x.shape[1], dtype=acc)
+    is_summary = torch.zeros(len(kept_rows), dtype=torch.bool)
+    for slot, members in slots.values():
+        dropped = [m for m in members if not bool(keep[m])]
+        for m in dropped:
+            assign[m] = out_of[slot]
+        y[out_of[slot]] = x.to(acc)[dropped].mean(0)
+        is_summary[out_of[slot]] = True
+    dev = x.device
+    return y.to(x.dtype), assign.to(dev), keep_out.to(dev), is_summary.to(dev)
+
+
+def fuse_visual_tokens_ref(x: Tensor, keep: Tensor, image_grid_thw: Tensor, method: str, merge_size: int = 2):
+    """Reference of :func:`tsparse.ops.fuse_visual_tokens`: ``(embeds, kept index, keep_out)``."""
     offsets = [0]
     for t, h, w in image_grid_thw.tolist():
-        offsets.append(offsets[-1] + t * (h // m) * (w // m))
-    y, _ = fuse_tokens_ref(image_embeds, keep, offsets)
+        offsets.append(offsets[-1] + t * (h // merge_size) * (w // merge_size))
+    if method == "summary":
+        y, _, keep_out, _ = summary_tokens_ref(x, keep, image_grid_thw, merge_size)
+        return y, keep_out.nonzero().reshape(-1), keep_out
+    index = keep.nonzero().reshape(-1)
+    if method == "none":
+        return x[index], index, keep
+    if method == "cosine_mean":
+        y, _ = fuse_tokens_ref(x, keep, offsets)
+    elif method == "nearest_kept":
+        assign = nearest_assignment_ref(keep, offsets, token_coords_ref(image_grid_thw, merge_size))
+        y, _ = fuse_tokens_ref(x, keep, offsets, assign=assign)
+    else:
+        raise ValueError(f"unknown fusion method {method!r}")
     return y, index, keep
+
+
+def select_visual_tokens_ref(
+    image_embeds: Tensor, boxes: Tensor, box_offsets: Tensor, image_grid_thw: Tensor, *, fuse=True,
+    **mask_options,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference of :func:`tsparse.ops.select_visual_tokens`: (embeds, kept index, keep).
+    ``fuse``: a fusion method name, or True / False for cosine_mean / none."""
+    keep, _ = box_to_patch_mask_ref(boxes, box_offsets, image_grid_thw, **mask_options)
+    keep = keep.to(image_embeds.device)
+    method = {True: "cosine_mean", False: "none"}.get(fuse, fuse)
+    return fuse_visual_tokens_ref(image_embeds, keep, image_grid_thw, method, mask_options.get("merge_size", 2))
 
 
 def fuse_tokens_eager(x: Tensor, keep: Tensor, token_offsets: Sequence[int]) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,8 @@ per-stream aggregation, and fused linear variants that never materialize the log
 
 Math (``csrc/include/tsparse/grpo_math.h``, shared by the CPU and CUDA kernels): per row, an
 online (max, sum exp, sum exp * z) log-sum-exp over ``z = logits / temperature`` in fp32
-(fp64 for fp64 logits), so the row is read once and the entropy comes for free. The backward
+(fp64 for fp64 logits), kept in base 2 (one FFMA and one exp2 per logit on the GPU; error bound
+in profiling/NOTES.md), so the row is read once and the entropy comes for free. The backward
 writes ``dlogits = (g_logp * (onehot - p) + g_ent * dH/dz) / temperature`` in one pass from the
 saved per-row statistics (row max, log normalizer, entropy): no [T, V] temporary.
 
@@ -131,6 +132,34 @@ def _grpo_token_terms_fake(logp, old_logp, advantages, ref_logp, is_weights, cli
     n = logp.shape[0]
     f = lambda: logp.new_empty((n,))  # noqa: E731
     return f(), f(), f(), logp.new_empty((n,), dtype=torch.uint8), f(), f(), f()
+
+
+def _fused_outputs_fake(logits, with_entropy, entropy_coef):
+    t = logits.shape[0]
+    acc = _acc_dtype(logits.dtype)
+    f = lambda: logits.new_empty((t,), dtype=acc)  # noqa: E731
+    ent = logits.new_empty((t if (with_entropy or entropy_coef != 0) else 0,), dtype=acc)
+    return f(), ent, f(), f(), f(), logits.new_empty((t,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("tsparse::grpo_loss_fused")
+def _grpo_loss_fused_fake(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight, temperature,
+                          clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges, kl_coef, entropy_coef,
+                          with_entropy, with_grad, single_read):
+    grad = logits.new_empty((logits.shape[0] if with_grad else 0, logits.shape[1]))
+    return (*_fused_outputs_fake(logits, with_entropy, entropy_coef), grad)
+
+
+@torch.library.register_fake("tsparse::grpo_loss_fused_")
+def _grpo_loss_fused_inplace_fake(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight,
+                                  temperature, clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges, kl_coef,
+                                  entropy_coef, with_entropy, single_read):
+    return _fused_outputs_fake(logits, with_entropy, entropy_coef)
+
+
+@torch.library.register_fake("tsparse::scale_rows_")
+def _scale_rows_fake(x, scale):
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -916,6 +945,71 @@ def _with_loss_args(fn):
     return fn
 
 
+#: ``impl`` values of :func:`grpo_loss`
+GRPO_LOSS_IMPLS = ("two_pass", "single_read")
+
+
+def _fused_args(plan: _LossPlan, targets: Tensor, token_weight: Tensor, temperature: float):
+    use_kl = plan.ref_logp is not None and plan.kl_coef != 0
+    return (
+        targets, plan.old_logp, plan.advantages, plan.ref_logp, plan.is_weights, token_weight, temperature,
+        plan.clip_low, plan.clip_high, plan.clip_ratio_c, plan.kl_type, CLAMP_EDGES,
+        plan.kl_coef if use_kl else 0.0, plan.entropy_coef, plan.want_entropy,
+    )
+
+
+class _SingleReadGRPO(torch.autograd.Function):
+    """grpo_loss(impl="single_read"): the forward computes the loss AND d loss / d logits (the
+    per-token coefficients do not depend on the logits beyond each row's own statistics), into a
+    separate buffer or, with ``inplace``, into the logits' own storage; the backward only scales
+    it by the upstream gradient (``scale_rows_``: skipped on the device when it is 1)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, inplace, plan, token_weight):
+        args = _fused_args(plan, targets, token_weight, temperature)
+        if inplace:
+            logp, entropy, pg, kl, ratio, flags = _ops.grpo_loss_fused_(logits, *args, True)
+            increment_version(logits)  # the logits now hold their gradient
+            grad = logits
+        else:
+            logp, entropy, pg, kl, ratio, flags, grad = _ops.grpo_loss_fused(logits, *args, True, True)
+        ctx.grad = grad
+        ctx.save_for_backward(logits)  # an anchor for create_graph (_differentiable_once)
+        ent = entropy if plan.want_entropy else None
+        loss = (plan.loss_w * _per_token_loss(plan, pg, kl, ent)).sum()
+        ctx.mark_non_differentiable(logp, entropy, pg, kl, ratio, flags)
+        return loss, logp, entropy, pg, kl, ratio, flags
+
+    @staticmethod
+    @_differentiable_once
+    def backward(ctx, g_loss, *_unused):
+        if ctx.grad is None:
+            raise RuntimeError(
+                "tsparse.grpo_loss(impl='single_read'): backward ran twice; the gradient is computed in "
+                "forward and handed over once (call the op again for a second backward)"
+            )
+        grad, ctx.grad = ctx.grad, None
+        ctx.anchors = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        _ops.scale_rows_(grad, g_loss.detach().reshape(1))
+        return grad, None, None, None, None, None
+
+
+def _grpo_loss_single_read(logits, targets, temperature, plan: _LossPlan, inplace_backward: bool):
+    """(loss, logp, entropy, pg, kl, ratio, flags) of the single-read path."""
+    token_weight = torch.where(plan.valid, plan.loss_w, torch.zeros_like(plan.loss_w))
+    if logits.requires_grad and torch.is_grad_enabled():
+        return _SingleReadGRPO.apply(logits, targets, temperature, _use_inplace(logits, inplace_backward), plan,
+                                     token_weight)
+    logp, entropy, pg, kl, ratio, flags, _ = _ops.grpo_loss_fused(
+        logits, *_fused_args(plan, targets, token_weight, temperature), False, True
+    )
+    ent = entropy if plan.want_entropy else None
+    loss = (plan.loss_w * _per_token_loss(plan, pg, kl, ent)).sum()
+    return loss, logp, entropy, pg, kl, ratio, flags
+
+
 @annotate("grpo_loss")
 @_with_loss_args
 @_fixed_precision()
@@ -943,6 +1037,7 @@ def grpo_loss(
     is_weights: Optional[Tensor] = None,
     return_entropy: bool = False,
     inplace_backward: bool = False,
+    impl: str = "two_pass",
 ) -> GRPOLoss:
     """GRPO loss from logits, exactly verl 0.9.1's per-token math, aggregated per stream.
 
@@ -957,7 +1052,24 @@ def grpo_loss(
     Args:
         logits, targets: as :func:`logprobs` (``[T, V]`` and ``[T]``).@LOSS_ARGS@
         inplace_backward: as :func:`logprobs`: the logits' gradient is written into the logits
-            when nothing else can observe them (out of place under ``torch.compile``).
+            when nothing else can observe them (out of place under ``torch.compile``). With
+            ``impl="single_read"`` the write happens already during the forward (the same rule,
+            checked then): once the op returns the logits hold their gradient, and anything that
+            reads them afterwards (an entropy or a metric computed from the logits) reads the
+            gradient - compute those before the call, or leave ``inplace_backward`` off.
+        impl: ``"two_pass"`` (default) or ``"single_read"``. ``two_pass``: the forward reads the
+            logits once, the backward reads them again and writes the gradient (6 B per bf16
+            logit). ``single_read`` (experimental until measured on a GPU): the forward also
+            computes d loss / d logits - on CUDA one thread-block cluster per row keeps the row
+            in shared memory and writes the gradient in the same pass (4 B per bf16 logit); the
+            backward only multiplies it by the upstream gradient, skipped on the device when
+            that is 1 (no host sync). The gradient goes to a separate buffer allocated in the
+            forward (one logits-sized tensor, held until backward) or, with
+            ``inplace_backward``, into the logits. Rows the cluster cannot hold (float64 logits,
+            rows over 8 x 200 KB, e.g. V > 819,200 bf16) and the CPU run the two-pass math in
+            the same op, with results equal to ``two_pass``'s. Only ``loss`` is differentiable
+            here: ``logp`` / ``entropy`` / ``kl`` are detached (they are differentiable with
+            ``two_pass``).
 
     Returns:
         :class:`GRPOLoss` (loss, per-token logp / ratio / entropy / kl, per-stream metrics).
@@ -979,6 +1091,8 @@ def grpo_loss(
     Here both stay finite (tested against verl itself).
     """
     op = "grpo_loss"
+    if impl not in GRPO_LOSS_IMPLS:
+        raise ValueError(f"tsparse.{op}: `impl` must be one of {list(GRPO_LOSS_IMPLS)}, got {impl!r}")
     logits, targets, temperature = _check_logits(op, logits, targets, temperature)
     t = logits.shape[0]
     plan = _plan_loss(
@@ -988,6 +1102,12 @@ def grpo_loss(
         num_streams=num_streams, loss_agg=loss_agg, seq_ids=seq_ids, is_weights=is_weights,
         return_entropy=return_entropy, loss_scale_factor=loss_scale_factor,
     )
+    if impl == "single_read":
+        loss, logp, entropy, pg, kl, ratio, flags = _grpo_loss_single_read(logits, targets, temperature, plan,
+                                                                           inplace_backward)
+        entropy = entropy if plan.want_entropy else None
+        metrics = _stream_metrics(plan, logp, pg, kl, entropy, flags)
+        return GRPOLoss(loss, logp, ratio, entropy, kl if plan.ref_logp is not None else None, metrics)
     logp, _, _, entropy = _logprobs_impl(logits, targets, temperature, plan.want_entropy, inplace_backward)
     if not plan.want_entropy:
         entropy = None

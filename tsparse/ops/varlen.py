@@ -106,21 +106,21 @@ def _varlen_pack_fake(attention_mask, keep, cu_seqlens, total, input_ids, positi
 
 
 @torch.library.register_fake("tsparse::varlen_gather")
-def _varlen_gather_fake(x, indices, inverse):
+def _varlen_gather_fake(x, indices, inverse, check_inverse=True):
     _checks.fake_same_device("pack_varlen", "x", x, indices=indices, inverse=inverse)
     _checks.fake_dims("pack_varlen", x=(x, 2), indices=(indices, 1), inverse=(inverse, 1))
     return x.new_empty((indices.shape[0], x.shape[1]))
 
 
 def _varlen_gather_setup(ctx, inputs, output):
-    _, _, inverse = inputs
+    inverse = inputs[2]
     ctx.save_for_backward(inverse)
 
 
 def _varlen_gather_backward(ctx, grad):
     (inverse,) = ctx.saved_tensors
     # ONE kernel writes every row of the padded gradient: the packed row or zeros.
-    return _ops.compose_rows(grad, inverse, None, None), None, None
+    return _ops.compose_rows(grad, inverse, None, None), None, None, None
 
 
 torch.library.register_autograd(
@@ -246,7 +246,7 @@ def _pack(x, attention_mask, keep, total, max_seqlen, op: str, x_arg: str) -> Pa
             raise ValueError(f"tsparse.{op}: `{x_arg}` is on {rows.device} but `attention_mask` is on "
                              f"{attention_mask.device}")
         indices, inverse, _, _, _ = _ops.varlen_pack(attention_mask, keep, cu_seqlens, total, None, None)
-        values = _ops.varlen_gather(rows, indices, inverse)
+        values = _ops.varlen_gather(rows, indices, inverse, False)  # varlen_pack's own maps: no value check
     return Packed(values.reshape(total, *x.shape[2:]), indices, cu_seqlens, max_seqlen, seqlens)
 
 
@@ -378,7 +378,7 @@ def pack_batch(
             packed_pos = pos if position_ids.dim() == 2 else pos.unsqueeze(1)
         embeds = None
         if rows is not None:
-            embeds = _ops.varlen_gather(rows, indices, inverse).reshape(1, total, *inputs_embeds.shape[2:])
+            embeds = _ops.varlen_gather(rows, indices, inverse, False).reshape(1, total, *inputs_embeds.shape[2:])
     return PackedBatch(
         ids.unsqueeze(0), packed_pos, labels.unsqueeze(0), embeds, indices, cu_seqlens, max_seqlen, seqlens
     )
