@@ -26,6 +26,7 @@ from tsparse import reference as ref
 from tsparse.ops import (
     box_to_patch_mask,
     fuse_tokens,
+    fuse_visual_tokens,
     fused_linear_grpo_loss,
     fused_linear_logprobs,
     gather_tokens,
@@ -36,6 +37,8 @@ from tsparse.ops import (
     pack_varlen,
     scatter_tokens,
     select_visual_tokens,
+    summary_tokens,
+    token_coords,
     token_offsets_from_grid,
     unpack_varlen,
     varlen,
@@ -61,14 +64,17 @@ def _loss_of(kind: str, targets):
         if kind == "logprobs":
             lp, en = logprobs(logits, targets, return_entropy=True, inplace_backward=inplace)
             return (lp * torch.arange(1.0, T + 1, dtype=lp.dtype)).sum() + en.sum()
-        return grpo_loss(logits, targets, old, adv, mask, entropy_coef=0.01, inplace_backward=inplace).loss
+        impl = "single_read" if kind == "grpo_loss_single_read" else "two_pass"
+        return grpo_loss(logits, targets, old, adv, mask, entropy_coef=0.01, inplace_backward=inplace,
+                         impl=impl).loss
 
     return f
 
 
 # ======================================================================================
-# 1. The in-place backward writes only memory nothing else can observe.
-OPS = ["logprobs", "grpo_loss"]
+# 1. The in-place backward writes only memory nothing else can observe. grpo_loss_single_read:
+# grpo_loss(impl="single_read") writes the gradient during the FORWARD; the same rule holds.
+OPS = ["logprobs", "grpo_loss", "grpo_loss_single_read"]
 
 
 @pytest.mark.parametrize("kind", OPS)
@@ -208,6 +214,79 @@ def test_inplace_twice_on_the_same_logits():
     torch.testing.assert_close(w.grad, w2.grad, rtol=0, atol=0)
 
 
+def _single_read(x, tg, inplace=True, **kw):
+    old, adv = torch.zeros(T, dtype=x.dtype), torch.linspace(-1, 1, T, dtype=x.dtype)
+    mask = torch.ones(T, dtype=torch.bool)
+    return grpo_loss(x, tg, old, adv, mask, impl="single_read", inplace_backward=inplace, **kw)
+
+
+def test_single_read_inplace_logits_hold_the_gradient_once_the_forward_returns():
+    """The documented contract: the write happens in the forward, so the logits hold d loss /
+    d logits as soon as the op returns (before backward), and backward hands that memory on."""
+    tg = _targets()
+    w = torch.randn(T, V, dtype=torch.float64, requires_grad=True)
+    x = w * 2.0
+    out = _single_read(x, tg)
+    x2 = (w.detach() * 2.0).requires_grad_()
+    (g_ref,) = torch.autograd.grad(_single_read(x2, tg, inplace=False).loss, x2)
+    assert torch.equal(x.detach(), g_ref)  # already during the forward
+    out.loss.backward()
+    torch.testing.assert_close(w.grad, 2.0 * g_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inplace_impl", ["single_read", "two_pass"])
+def test_logits_that_hold_their_gradient_are_refused_by_a_later_op(inplace_impl):
+    """A second tsparse GRPO op on logits an in-place path overwrote would read the gradient as
+    logits: it raises, naming `logits` (single_read: right after the forward; two_pass: after
+    the backward)."""
+    tg = _targets()
+    w = torch.randn(T, V, dtype=torch.float64, requires_grad=True)
+    x = w * 2.0
+    if inplace_impl == "single_read":
+        out = _single_read(x, tg)
+    else:
+        out = grpo_loss(x, tg, torch.zeros(T), torch.ones(T), torch.ones(T, dtype=torch.bool), inplace_backward=True)
+        out.loss.backward()
+    with pytest.raises(ValueError, match=r"tsparse\.logprobs: `logits` hold their gradient"):
+        logprobs(x, tg)
+    with pytest.raises(ValueError, match=r"tsparse\.grpo_loss: `logits` hold their gradient"):
+        _single_read(x, tg, inplace=False)
+    if inplace_impl == "single_read":
+        out.loss.backward()  # the backward's scale keeps the mark
+        with pytest.raises(ValueError, match=r"`logits` hold their gradient"):
+            logprobs(x, tg)
+    x.detach().copy_(torch.randn(T, V, dtype=torch.float64))  # the caller writes new logits: usable again
+    logprobs(x, tg)
+
+
+def test_single_read_does_not_write_in_place_under_saved_tensor_hooks():
+    """Saved-tensor hooks may keep tensors on the Python side, where the counts cannot see them."""
+    tg = _targets()
+    w = torch.randn(T, V, dtype=torch.float64, requires_grad=True)
+    x = w * 2.0
+    xb = x.detach().clone()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        out = _single_read(x, tg)
+    assert torch.equal(x.detach(), xb)
+    out.loss.backward()
+    w2 = w.detach().clone().requires_grad_()
+    _single_read(w2 * 2.0, tg, inplace=False).loss.backward()
+    torch.testing.assert_close(w.grad, w2.grad, rtol=0, atol=0)
+
+
+def test_single_read_inplace_in_no_grad_and_for_logits_without_grad_writes_nothing():
+    tg = _targets()
+    x = torch.randn(T, V, dtype=torch.float64)
+    xb = x.clone()
+    _single_read(x, tg)  # no grad needed: no gradient, no write
+    w = torch.randn(T, V, dtype=torch.float64, requires_grad=True)
+    y = w * 2.0
+    yb = y.detach().clone()
+    with torch.no_grad():
+        _single_read(y, tg)
+    assert torch.equal(x, xb) and torch.equal(y.detach(), yb)
+
+
 # ======================================================================================
 # 2. Meta tensors mixed with real ones.
 def _meta(t):
@@ -256,6 +335,29 @@ def _raw_cases():
                                                                           "k1", 3)),
         ("grpo_token_terms", "is_weights", lambda m: ops.grpo_token_terms(z, z, z, None, m(z), 0.2, 0.2, 3.0,
                                                                           "k1", 3)),
+        # raw ops main added with the single-read grpo_loss and the nearest_kept fusion
+        ("grpo_loss_fused", "targets", lambda m: ops.grpo_loss_fused(logits, m(tg), z, z, None, None, z + 1, 1.0,
+                                                                     0.2, 0.2, 3.0, "k1", 3, 0.0, 0.0, False,
+                                                                     True, True)),
+        ("grpo_loss_fused", "token_weight", lambda m: ops.grpo_loss_fused(logits, tg, z, z, None, None, m(z + 1),
+                                                                          1.0, 0.2, 0.2, 3.0, "k1", 3, 0.0, 0.0,
+                                                                          False, True, True)),
+        ("grpo_loss_fused", "ref_logp", lambda m: ops.grpo_loss_fused(logits, tg, z, z, m(z), None, z + 1, 1.0, 0.2,
+                                                                      0.2, 3.0, "k1", 3, 0.1, 0.0, False, False,
+                                                                      True)),
+        ("grpo_loss_fused_", "advantages", lambda m: ops.grpo_loss_fused_(logits.clone(), tg, z, m(z), None, None,
+                                                                          z + 1, 1.0, 0.2, 0.2, 3.0, "k1", 3, 0.0,
+                                                                          0.0, False, True)),
+        ("grpo_loss_fused_", "is_weights", lambda m: ops.grpo_loss_fused_(logits.clone(), tg, z, z, None, m(z + 1),
+                                                                          z + 1, 1.0, 0.2, 0.2, 3.0, "k1", 3, 0.0,
+                                                                          0.0, False, True)),
+        ("scale_rows_", "scale", lambda m: ops.scale_rows_(logits.clone(), m(torch.tensor([2.0])))),
+        ("fuse_tokens_nearest", "coords", lambda m: ops.fuse_tokens_nearest(
+            x, torch.tensor([True, False, True, False, False]), m(torch.zeros(5, 2, dtype=torch.float64)), [0, 5],
+            [2])),
+        ("fuse_tokens_nearest", "keep", lambda m: ops.fuse_tokens_nearest(
+            x, m(torch.tensor([True, False, True, False, False])), torch.zeros(5, 2, dtype=torch.float64), [0, 5],
+            [2])),
     ]
 
 
@@ -279,6 +381,14 @@ def test_raw_ops_on_meta_tensors_alone_still_infer_shapes():
     assert lp.shape == (4,) and lp.device.type == "meta"
     p = pack_varlen(torch.randn(2, 3, 4, device="meta"), torch.ones(2, 3, device="meta"), total=6, max_seqlen=3)
     assert p.values.shape == (6, 4)
+    mz = torch.zeros(4, device="meta")
+    outs = ops.grpo_loss_fused(torch.randn(4, 6, device="meta"), torch.zeros(4, dtype=torch.long, device="meta"), mz,
+                               mz, None, None, mz, 1.0, 0.2, 0.2, 3.0, "k1", 3, 0.0, 0.01, False, True, True)
+    assert outs[1].shape == (4,) and outs[-1].shape == (4, 6) and outs[-1].device.type == "meta"
+    y, assign, _ = ops.fuse_tokens_nearest(torch.randn(5, 3, device="meta"), torch.ones(5, dtype=torch.bool,
+                                           device="meta"), torch.zeros(5, 2, dtype=torch.float64, device="meta"),
+                                           [0, 5], [5])
+    assert y.shape == (5, 3) and assign.shape == (5,)
 
 
 def test_public_ops_refuse_meta_tensors_whose_values_they_read():
@@ -627,8 +737,104 @@ def test_select_visual_tokens_refuses_meta_boxes_by_name():
 def test_row_counts_beyond_int64_are_named():
     with pytest.raises(ValueError, match=r"scatter_tokens: `num_rows` must be in \[0, 2\^63\)"):
         scatter_tokens(torch.randn(1, 2), torch.tensor([0]), 2**64)  # was: "expected int, found int"
+    # Below 2^63 but too many bytes for the output (was torch's "Storage size calculation
+    # overflowed"): the raw op, the public op, and the fake kernel name `num_rows`.
+    for n in (2**62, 2**63 - 1, 2**61 + 1):
+        with pytest.raises(ValueError, match=r"tsparse\.scatter_tokens: `num_rows` = \d+ is too large"):
+            ops.scatter_rows(torch.randn(1, 2), torch.tensor([0]), n, None)
+        with pytest.raises(ValueError, match=r"tsparse\.scatter_tokens: `num_rows` = \d+ is too large"):
+            scatter_tokens(torch.randn(1, 2), torch.tensor([0]), n)
+        with pytest.raises(ValueError, match=r"tsparse\.scatter_tokens: `num_rows` = \d+ is too large"):
+            ops.scatter_rows(torch.randn(1, 2, device="meta"), torch.tensor([0], device="meta"), n, None)
     with pytest.raises(ValueError, match=r"pad_input: `batch` \* `seqlen`"):
         varlen.pad_input(torch.randn(1, 2), torch.tensor([0]), 2**40, 2**40)
+
+
+# ======================================================================================
+# The arguments and raw ops main added (single-read grpo_loss, fusion methods), to the same bar.
+def test_grpo_loss_impl_is_checked_by_name():
+    args = (torch.randn(4, 6), torch.zeros(4, dtype=torch.long), torch.zeros(4), torch.zeros(4),
+            torch.ones(4, dtype=torch.bool))
+    for bad in ("single-read", "SINGLE_READ", None, 1, True):
+        with pytest.raises(ValueError, match=r"tsparse\.grpo_loss: `impl` must be one of \['two_pass', 'single_read'\]"):
+            grpo_loss(*args, impl=bad)
+
+
+def test_scale_rows_checks_what_it_writes():
+    with pytest.raises(TypeError, match=r"tsparse\.scale_rows_: `x` must be float32"):
+        ops.scale_rows_(torch.ones(2, 3, dtype=torch.long), torch.tensor([2.0]))  # was: torch's cast error
+    with pytest.raises(ValueError, match=r"tsparse\.scale_rows_: `x` rows must not overlap"):
+        ops.scale_rows_(torch.ones(1, 3).expand(4, 3), torch.tensor([2.0]))
+    with pytest.raises(ValueError, match=r"tsparse\.scale_rows_: `x` must have a contiguous last dimension"):
+        ops.scale_rows_(torch.ones(3, 4).t(), torch.tensor([2.0]))
+    with pytest.raises(TypeError, match=r"tsparse\.scale_rows_: `scale` must be a floating tensor"):
+        ops.scale_rows_(torch.ones(2, 3), torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"tsparse\.scale_rows_: `scale` must be a one-element tensor"):
+        ops.scale_rows_(torch.ones(2, 3), torch.tensor([2.0, 3.0]))
+    x = torch.ones(3, 8)[:, 1:6]  # strided rows, contiguous last dimension
+    ops.scale_rows_(x, torch.tensor([2.5], dtype=torch.float64))
+    assert (x == 2.5).all()
+
+
+def test_fusion_method_names_are_checked_by_name():
+    x, keep = torch.randn(4, 3), torch.tensor([True, False, False, True])
+    grid = torch.tensor([[1, 4, 4]])
+    for bad in ("mean", "Cosine_Mean", None, 1, 0):
+        with pytest.raises(ValueError, match=r"tsparse\.fuse_visual_tokens: `fuse` must be one of"):
+            fuse_visual_tokens(x, keep, grid, fuse=bad)
+        with pytest.raises(ValueError, match=r"tsparse\.select_visual_tokens: `fuse` must be one of"):
+            select_visual_tokens(x, torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([0, 1]), grid, fuse=bad)
+
+
+@pytest.mark.parametrize("method", ["none", "cosine_mean", "nearest_kept", "summary"])
+def test_fuse_visual_tokens_checks_a_callers_kept_counts(method):
+    """A caller's kept_counts size the output: with "none" a wrong count silently truncated (or
+    padded) the kept rows; every method now checks them against the mask."""
+    x, keep = torch.randn(8, 3), torch.tensor([True, False, False, True, False, True, True, False])
+    grid = torch.tensor([[1, 4, 4], [1, 4, 4]])
+    good = fuse_visual_tokens(x, keep, grid, fuse=method, kept_counts=[2, 2])
+    ref_sel = fuse_visual_tokens(x, keep, grid, fuse=method)
+    assert torch.equal(good.embeds, ref_sel.embeds) and torch.equal(good.counts, ref_sel.counts)
+    for bad in ([1, 2], [2, 1], [3, 1]):
+        with pytest.raises(ValueError, match=r"tsparse\.fuse_visual_tokens: `kept_counts` does not match"):
+            fuse_visual_tokens(x, keep, grid, fuse=method, kept_counts=bad)
+    for bad, exc in (([2], ValueError), ([2, 5], ValueError), ([2.0, 2], TypeError), (["2", 2], TypeError)):
+        with pytest.raises(exc, match=r"tsparse\.fuse_visual_tokens: `kept_counts`"):
+            fuse_visual_tokens(x, keep, grid, fuse=method, kept_counts=bad)
+
+
+def test_fusion_composites_check_their_arguments_by_name():
+    x, keep = torch.randn(4, 3), torch.tensor([True, False, False, True])
+    grid = torch.tensor([[1, 4, 4]])
+    cases = [
+        (TypeError, r"fuse_visual_tokens: `image_embeds` must be float32", lambda: fuse_visual_tokens(x.long(), keep, grid)),
+        (ValueError, r"fuse_visual_tokens: `keep` must have shape \[N\] with N = image_embeds",
+         lambda: fuse_visual_tokens(x, keep[:3], grid)),
+        (ValueError, r"fuse_visual_tokens: `image_grid_thw` must have shape", lambda: fuse_visual_tokens(x, keep, grid[0])),
+        (ValueError, r"fuse_visual_tokens: `merge_size` must be a positive int",
+         lambda: fuse_visual_tokens(x, keep, grid, merge_size=0)),
+        (ValueError, r"fuse_visual_tokens: `image_grid_thw\[0\]` = \(1, 4, 3\)",
+         lambda: fuse_visual_tokens(x, keep, torch.tensor([[1, 4, 3]]))),
+        (ValueError, r"fuse_visual_tokens: `image_embeds` is a meta tensor",
+         lambda: fuse_visual_tokens(x.to("meta"), keep.to("meta"), grid)),
+        (TypeError, r"summary_tokens: `x` must be float32", lambda: summary_tokens(x.to(torch.complex64), keep, grid)),
+        (ValueError, r"summary_tokens: `keep` is a meta tensor", lambda: summary_tokens(x, keep.to("meta"), grid)),
+        (ValueError, r"summary_tokens: `image_grid_thw` is a meta tensor", lambda: summary_tokens(x, keep, grid.to("meta"))),
+        (TypeError, r"summary_tokens: `image_grid_thw` must be int32 or int64",
+         lambda: summary_tokens(x, keep, grid.float())),
+        (ValueError, r"summary_tokens: `x` has 4 rows but `image_grid_thw` describes 8",
+         lambda: summary_tokens(x, keep, torch.tensor([[2, 4, 4]]))),
+        (ValueError, r"token_coords: `image_grid_thw\[0\]` = \(0, 4, 4\) must be positive",
+         lambda: token_coords(torch.tensor([[0, 4, 4]]))),
+        (ValueError, r"token_coords: `merge_size` must be a positive int", lambda: token_coords(grid, merge_size=2.0)),
+        (ValueError, r"token_coords: `device` must be a torch.device", lambda: token_coords(grid, device="gpu:x")),
+        (TypeError, r"fuse_tokens: `coords` must be float64", lambda: fuse_tokens(x, keep, [0, 4], coords=torch.zeros(4, 3))),
+        (TypeError, r"fuse_tokens: `coords` must be a torch.Tensor", lambda: fuse_tokens(x, keep, [0, 4], coords=[0.0] * 4)),
+    ]
+    for exc, pattern, call in cases:
+        with pytest.raises(exc, match=pattern):
+            call()
+    assert token_coords(grid).shape == (4, 3)
 
 
 # ======================================================================================
@@ -658,8 +864,9 @@ def test_cuda_inplace_rules(kind):
         if kind == "logprobs":
             return logprobs(logits, tg, inplace_backward=inplace)[0].sum()
         z = torch.zeros(T, device="cuda", dtype=logits.dtype)
+        impl = "single_read" if kind == "grpo_loss_single_read" else "two_pass"
         return grpo_loss(logits, tg, z, z + 1, torch.ones(T, dtype=torch.bool, device="cuda"),
-                         inplace_backward=inplace).loss
+                         inplace_backward=inplace, impl=impl).loss
 
     leaf = torch.randn(T, V, device="cuda", requires_grad=True)
     before = leaf.detach().clone()
@@ -689,3 +896,31 @@ def test_cuda_meta_beside_cuda_is_refused():
         ops.gather_rows(x, torch.tensor([0, 1], device="meta"), False)
     with pytest.raises(ValueError, match="`targets` is on"):
         ops.logprobs(torch.randn(2, 4, device="cuda"), torch.zeros(2, dtype=torch.long, device="meta"), 1.0, False)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_pinned_boxes_are_not_read_after_the_op_returns():
+    """select_visual_tokens copies a caller's CPU boxes to the GPU without a host sync; from
+    PINNED memory that copy is a DMA that could run after the call returned, so a write to the
+    boxes right after the call would change the result. The copy goes through a fresh pinned
+    buffer (select_visual_tokens syncs once later anyway, but the copy itself must not depend on
+    it). Checked on the copy helper with the stream held busy, then end to end."""
+    from tsparse.ops.visual_tokens import _to_device_owned
+
+    dev = torch.device("cuda")
+    src = torch.arange(1 << 16, dtype=torch.float32).pin_memory()
+    want = src.clone()
+    torch.cuda._sleep(200_000_000)  # the copy queues behind ~0.1 s of GPU work
+    out = _to_device_owned(src, dev)
+    src.fill_(-1.0)  # the caller's next write, before the copy ran
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), want)
+    grid, offs = torch.tensor([[1, 16, 16]]), torch.tensor([0, 1])
+    x = torch.randn(64, 8, device="cuda")
+    boxes = torch.tensor([[0.0, 0.0, 0.4, 0.4]]).pin_memory()
+    ref_sel = select_visual_tokens(x, boxes.clone(), offs, grid, fuse="none")
+    sel = select_visual_tokens(x, boxes, offs, grid, fuse="none")
+    boxes.fill_(float("nan"))
+    torch.cuda.synchronize()
+    assert torch.equal(sel.keep, ref_sel.keep) and torch.equal(sel.embeds, ref_sel.embeds)

@@ -772,14 +772,18 @@ stream = torch.randint(0, 2, (t,), generator=g)
 
 def run_logprobs(inplace):
     x = base * 1  # non-leaf logits, created before measuring
+    x0 = x.detach().clone()  # an in-place run leaves the gradient in x: each run starts from the logits
     def fn():
+        x.detach().copy_(x0)
         lp, en = logprobs(x, targets, return_entropy=True, inplace_backward=inplace)
         torch.autograd.grad(lp.sum() + en.sum(), x)
     return fn
 
 def run_grpo(inplace):
     x = base * 1
+    x0 = x.detach().clone()
     def fn():
+        x.detach().copy_(x0)
         r = grpo_loss(x, targets, old, adv, mask, entropy_coef=0.01, stream=stream, num_streams=2,
                       inplace_backward=inplace)
         torch.autograd.grad(r.loss, x)

@@ -69,6 +69,24 @@ inline void check_inplace_logits(const at::Tensor& logits, const char* op) {
                     logits.strides());
 }
 
+// scale_rows_ (x[r, :] *= scale, in place): floating rows written once each, a one-element
+// floating scale on x's device.
+inline void check_scale_rows(const at::Tensor& x, const at::Tensor& scale) {
+  constexpr const char* op = "scale_rows_";
+  TORCH_CHECK_TYPE(is_row_dtype(x.scalar_type()), "tsparse.", op,
+                   ": `x` must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, "tsparse.", op, ": `x` must be 2-D, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(1) <= 1 || x.stride(1) == 1, "tsparse.", op,
+                    ": `x` must have a contiguous last dimension, got strides ", x.strides());
+  TORCH_CHECK_VALUE(x.size(0) <= 1 || x.stride(0) >= x.size(1), "tsparse.", op,
+                    ": `x` rows must not overlap (each element is scaled once), got strides ", x.strides());
+  TORCH_CHECK_VALUE(scale.numel() == 1 && scale.device() == x.device(), "tsparse.", op,
+                    ": `scale` must be a one-element tensor on ", x.device(), ", got shape ", scale.sizes(), " on ",
+                    scale.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()), "tsparse.", op,
+                   ": `scale` must be a floating tensor, got ", scale.scalar_type());
+}
+
 inline at::Tensor prep_targets(const at::Tensor& targets, const at::Tensor& logits, const char* op) {
   TORCH_CHECK_TYPE(targets.scalar_type() == c10::kLong || targets.scalar_type() == c10::kInt,
                    "tsparse.", op, ": `targets` must be int64 (or int32), got ",

@@ -479,9 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 void scale_rows_cpu(const at::Tensor& x, const at::Tensor& scale) {
-  TORCH_CHECK_VALUE(scale.numel() == 1 && scale.device() == x.device(), "tsparse.scale_rows_: `scale` must be a ",
-                    "one-element tensor on ", x.device(), ", got shape ", scale.sizes(), " on ", scale.device());
-  TORCH_CHECK_VALUE(x.dim() == 2, "tsparse.scale_rows_: `x` must be 2-D, got shape ", x.sizes());
+  check_scale_rows(x, scale);
   if (x.numel() == 0) return;
   const at::Tensor s = scale.reshape({}).to(logprobs_acc_type(x.scalar_type()));
   if (s.item<double>() == 1.0) return;  // a CPU tensor: reading it is no sync

@@ -263,10 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 void scale_rows_cuda(const at::Tensor& x, const at::Tensor& scale) {
   check_cuda(x, "scale_rows_", "x");
-  TORCH_CHECK_VALUE(scale.numel() == 1 && scale.device() == x.device(), "tsparse.scale_rows_: `scale` must be a ",
-                    "one-element tensor on ", x.device(), ", got shape ", scale.sizes(), " on ", scale.device());
-  TORCH_CHECK_VALUE(x.dim() == 2 && (x.size(1) <= 1 || x.stride(1) == 1), "tsparse.scale_rows_: `x` must be 2-D ",
-                    "with a contiguous last dimension, got shape ", x.sizes(), " strides ", x.strides());
+  check_scale_rows(x, scale);
   if (x.numel() == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor s = scale.reshape({}).to(logprobs_acc_type(x.scalar_type())).contiguous();

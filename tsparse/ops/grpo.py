@@ -142,10 +142,22 @@ def _fused_outputs_fake(logits, with_entropy, entropy_coef):
     return f(), ent, f(), f(), f(), logits.new_empty((t,), dtype=torch.uint8)
 
 
+def _fused_inputs_fake(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight):
+    # The C++ glue names the public op (grpo_loss) in its messages; so do the fake kernels.
+    op = "grpo_loss"
+    _checks.fake_same_device(op, "logits", logits, ("ref_logp", "is_weights"), targets=targets, old_logp=old_logp,
+                             advantages=advantages, ref_logp=ref_logp, is_weights=is_weights,
+                             token_weight=token_weight)
+    _checks.fake_dims(op, logits=(logits, 2), targets=(targets, 1), old_logp=(old_logp, 1),
+                      advantages=(advantages, 1), ref_logp=(ref_logp, 1), is_weights=(is_weights, 1),
+                      token_weight=(token_weight, 1))
+
+
 @torch.library.register_fake("tsparse::grpo_loss_fused")
 def _grpo_loss_fused_fake(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight, temperature,
                           clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges, kl_coef, entropy_coef,
                           with_entropy, with_grad, single_read):
+    _fused_inputs_fake(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight)
     grad = logits.new_empty((logits.shape[0] if with_grad else 0, logits.shape[1]))
     return (*_fused_outputs_fake(logits, with_entropy, entropy_coef), grad)
 
@@ -154,11 +166,14 @@ def _grpo_loss_fused_fake(logits, targets, old_logp, advantages, ref_logp, is_we
 def _grpo_loss_fused_inplace_fake(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight,
                                   temperature, clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges, kl_coef,
                                   entropy_coef, with_entropy, single_read):
+    _fused_inputs_fake(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight)
     return _fused_outputs_fake(logits, with_entropy, entropy_coef)
 
 
 @torch.library.register_fake("tsparse::scale_rows_")
 def _scale_rows_fake(x, scale):
+    _checks.fake_same_device("scale_rows_", "x", x, scale=scale)
+    _checks.fake_dims("scale_rows_", x=(x, 2))
     return None
 
 
@@ -313,6 +328,17 @@ def _can_write_logits(logits: Tensor) -> bool:
 # The counts come from ``tsparse._C.alias_counts`` (reference counts read without taking one)
 # and are compared with a baseline measured on this torch at first use (:func:`_exclusive_counts`),
 # never hard-coded. Otherwise the backward returns a fresh gradient (always correct).
+#
+# grpo_loss(impl="single_read", inplace_backward=True) writes the gradient DURING THE FORWARD:
+# the same rule is checked then, against a baseline of the same counts taken at that point
+# (:func:`_exclusive_counts_forward`; the references differ from backward time, where the
+# logits are unpacked from ctx.saved_tensors). A node that saves the logits LATER, or any read
+# of the logits after the op returned, sees the gradient: that is the in-place contract. What
+# the counts cannot see are references held only on the Python side (a saved-tensor hook that
+# keeps the tensor object, torch.utils.checkpoint's inputs); the forward-time check therefore
+# also refuses while saved-tensor hooks are active. After an in-place write the logits' Python
+# object is marked (:func:`_mark_holds_grad`), so a later tsparse GRPO op on the same logits
+# raises instead of reading the gradient as logits.
 _PROBED: list = []
 
 
@@ -401,6 +427,82 @@ def _unobserved(logits: Tensor) -> bool:
     return _observers(logits) == (view if logits._is_view() else plain)
 
 
+@functools.lru_cache(maxsize=None)
+def _exclusive_counts_forward() -> Optional[tuple]:
+    """:func:`_exclusive_counts` for a check made in the forward, before the op runs (the
+    caller's logits, no autograd Function holding them yet): (plain non-leaf, whole view of a
+    temporary non-leaf), or None when the counts cannot tell an observed tensor from an
+    unobserved one on this torch (then the single-read path never writes in place)."""
+
+    def probe(make):
+        with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.disable_saved_tensors_hooks(
+            "tsparse: the in-place forward's alias baseline is measured without saved-tensor hooks"
+        ):
+            w = torch.zeros(1, 2, 3, requires_grad=True)
+            x, keep = make(w)
+            counts = _observers(x)
+            del keep
+        return counts
+
+    try:
+        plain = probe(lambda w: (w[0] * 1.0, None))
+        view = probe(lambda w: ((w * 1.0).squeeze(0), None))
+        # Self-test: each kind of observer must show up, or the sensor is blind on this torch.
+        alias = probe(lambda w: (lambda x: (x, x.detach()))(w[0] * 1.0))
+        saved = probe(lambda w: (lambda x: (x, x.sin()))(w[0] * 1.0))
+        saved_out = probe(lambda w: (torch.tanh(w[0]), None))
+        kept_base = probe(lambda w: (lambda b: (b.squeeze(0), b))(w * 1.0))
+    except Exception:  # pragma: no cover - a torch without the internals read here
+        return None
+    if plain in (alias, saved, saved_out) or kept_base == view or plain[3] != -1 or view[3] < 0:
+        return None  # pragma: no cover
+    return plain, view
+
+
+# Measured once at import, as the backward's baseline.
+_exclusive_counts_forward()
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Default saved-tensor hooks are installed (their packed objects may hold tensors on the
+    Python side, where the counts cannot see them)."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
+    except Exception:  # pragma: no cover - a torch without this internal: assume hooks
+        return True
+
+
+def _unobserved_in_forward(logits: Tensor) -> bool:
+    """The rule above, checked in the forward of the single-read in-place path (the caller's
+    own Python references to ``logits`` are allowed: after the op the logits hold the gradient)."""
+    ref = _exclusive_counts_forward()
+    if ref is None or _saved_tensor_hooks_active():
+        return False
+    plain, view = ref
+    return _observers(logits) == (view if logits._is_view() else plain)
+
+
+_HOLDS_GRAD = "_tsparse_holds_grad_at_version"
+
+
+def _mark_holds_grad(logits: Tensor) -> None:
+    """Marks a logits tensor whose memory now holds its gradient (at its current version)."""
+    try:
+        setattr(logits, _HOLDS_GRAD, logits._version)
+    except Exception:  # pragma: no cover - a tensor type without a __dict__
+        pass
+
+
+def _check_not_overwritten(logits: Tensor, op: str) -> None:
+    marked = getattr(logits, _HOLDS_GRAD, None)  # (inference tensors have no version: read only when marked)
+    if marked is not None and marked == logits._version:
+        raise ValueError(
+            f"tsparse.{op}: `logits` hold their gradient, written into them by an earlier tsparse op with "
+            "inplace_backward=True (grpo_loss(impl='single_read') writes it in the forward); compute everything "
+            "that reads the logits before that call, or pass inplace_backward=False"
+        )
+
+
 class _LogprobsInplaceBackward(torch.autograd.Function):
     """:func:`logprobs` whose backward writes the gradient into the logits' own storage
     (flash-attn's ``inplace_backward``) when nothing else can observe that storage (the rule
@@ -430,6 +532,7 @@ class _LogprobsInplaceBackward(torch.autograd.Function):
             return grad, None, None, None
         _ops.logprobs_backward_(logits, targets, row_max, log_norm, entropy, g_logp, g_ent, ctx.temperature)
         increment_version(logits)
+        _mark_holds_grad(logits)
         return logits, None, None, None
 
 
@@ -492,6 +595,7 @@ def _check_logits(op: str, logits, targets, temperature) -> tuple[Tensor, Tensor
     if logits.dim() != 2 or logits.shape[1] < 1:
         raise ValueError(f"tsparse.{op}: `logits` must be 2-D [T, V] with V >= 1, got {tuple(logits.shape)}")
     targets = _check_rows_targets(op, logits, "logits", targets)
+    _check_not_overwritten(logits, op)
     return logits, targets, _check_temperature(temperature, op)
 
 
@@ -543,7 +647,8 @@ def logprobs(
             saved the logits; the backward builds no graph (``create_graph=False``); the rows
             are distinct memory with a contiguous last dimension. Otherwise (and always under
             ``torch.compile``) a fresh gradient is returned: same values, one [T, V] allocation.
-            After an in-place backward the logits tensor holds its gradient.
+            After an in-place backward the logits tensor holds its gradient (a later tsparse
+            GRPO op on it raises ``ValueError``, until new values are written into it).
 
     Returns:
         ``(logp, entropy)``: float32 ``[T]`` (float64 for float64 logits); ``entropy`` is
@@ -967,9 +1072,11 @@ class _SingleReadGRPO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, inplace, plan, token_weight):
         args = _fused_args(plan, targets, token_weight, temperature)
+        ctx.inplace = inplace
         if inplace:
             logp, entropy, pg, kl, ratio, flags = _ops.grpo_loss_fused_(logits, *args, True)
             increment_version(logits)  # the logits now hold their gradient
+            _mark_holds_grad(logits)
             grad = logits
         else:
             logp, entropy, pg, kl, ratio, flags, grad = _ops.grpo_loss_fused(logits, *args, True, True)
@@ -993,6 +1100,8 @@ class _SingleReadGRPO(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 6
         _ops.scale_rows_(grad, g_loss.detach().reshape(1))
+        if ctx.inplace:
+            _mark_holds_grad(grad)  # scale_rows_ bumped the version
         return grad, None, None, None, None, None
 
 
@@ -1000,8 +1109,10 @@ def _grpo_loss_single_read(logits, targets, temperature, plan: _LossPlan, inplac
     """(loss, logp, entropy, pg, kl, ratio, flags) of the single-read path."""
     token_weight = torch.where(plan.valid, plan.loss_w, torch.zeros_like(plan.loss_w))
     if logits.requires_grad and torch.is_grad_enabled():
-        return _SingleReadGRPO.apply(logits, targets, temperature, _use_inplace(logits, inplace_backward), plan,
-                                     token_weight)
+        # The gradient is written in THIS forward: the alias rule is checked now (a separate
+        # gradient buffer when anything else can observe the logits' memory).
+        inplace = _use_inplace(logits, inplace_backward) and _unobserved_in_forward(logits)
+        return _SingleReadGRPO.apply(logits, targets, temperature, inplace, plan, token_weight)
     logp, entropy, pg, kl, ratio, flags, _ = _ops.grpo_loss_fused(
         logits, *_fused_args(plan, targets, token_weight, temperature), False, True
     )
@@ -1053,10 +1164,16 @@ def grpo_loss(
         logits, targets: as :func:`logprobs` (``[T, V]`` and ``[T]``).@LOSS_ARGS@
         inplace_backward: as :func:`logprobs`: the logits' gradient is written into the logits
             when nothing else can observe them (out of place under ``torch.compile``). With
-            ``impl="single_read"`` the write happens already during the forward (the same rule,
-            checked then): once the op returns the logits hold their gradient, and anything that
-            reads them afterwards (an entropy or a metric computed from the logits) reads the
-            gradient - compute those before the call, or leave ``inplace_backward`` off.
+            ``impl="single_read"`` the write happens already DURING THE FORWARD, under the same
+            rule checked at that moment (not a leaf nor a view of one, no other view, base,
+            detached alias or saved output on the memory, no other autograd node holding the
+            logits, no saved-tensor hooks active); otherwise the gradient goes to a separate
+            buffer, with the same values. Once the op returns the logits hold d loss / d logits
+            (for an upstream gradient of 1; backward scales them in place): anything that
+            reads the logits afterwards - an entropy or metric computed from them, another
+            op, a node that saves them later - reads the gradient. Compute those before the
+            call, or leave ``inplace_backward`` off. A tsparse GRPO op given such logits
+            raises ``ValueError`` (until the caller writes new values into them).
         impl: ``"two_pass"`` (default) or ``"single_read"``. ``two_pass``: the forward reads the
             logits once, the backward reads them again and writes the gradient (6 B per bf16
             logit). ``single_read`` (experimental until measured on a GPU): the forward also

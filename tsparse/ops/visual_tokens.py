@@ -165,7 +165,11 @@ def token_offsets_from_grid(image_grid_thw: Tensor, merge_size: int = 2) -> list
     :func:`box_to_patch_mask` makes. Reads ``image_grid_thw`` on the host (a device->host copy
     if it lives on a GPU; a meta tensor is refused).
     """
-    op = "token_offsets_from_grid"
+    return _grid_offsets(image_grid_thw, merge_size, "token_offsets_from_grid")
+
+
+def _grid_offsets(image_grid_thw: Tensor, merge_size: int, op: str) -> list[int]:
+    """:func:`token_offsets_from_grid`, errors naming the caller's op ``op``."""
     _check_grid(image_grid_thw, op, merge_size)
     (grid,) = _host_metadata(op, image_grid_thw=image_grid_thw)
     offsets = [0]
@@ -216,6 +220,14 @@ def _gather_rows_fake(x, index, build_inverse):
 def _scatter_rows_fake(src, index, num_rows, fill):
     _checks.fake_same_device("scatter_tokens", "src", src, ("fill",), index=index, fill=fill)
     _checks.fake_dims("scatter_tokens", src=(src, 2), index=(index, 1))
+    if isinstance(num_rows, int) and num_rows < 0:
+        raise ValueError(f"tsparse.scatter_tokens: `num_rows` must be >= 0, got {num_rows}")
+    if isinstance(num_rows, int) and isinstance(src.shape[1], int) and \
+            num_rows > (2**63 - 1) // (src.shape[1] * src.element_size() + 4):  # as csrc/common/row_args.h
+        raise ValueError(
+            f"tsparse.scatter_tokens: `num_rows` = {num_rows} is too large: the [num_rows, {src.shape[1]}] output and "
+            "its int32 row map would need more than 2^63 bytes"
+        )
     out = src.new_empty((num_rows, src.shape[1]))
     inverse = src.new_empty((num_rows,), dtype=torch.int32)
     return out, inverse
@@ -223,8 +235,14 @@ def _scatter_rows_fake(src, index, num_rows, fill):
 
 @torch.library.register_fake("tsparse::fuse_tokens")
 def _fuse_tokens_fake(x, keep, token_offsets, kept_counts):
-    _checks.fake_same_device("fuse_tokens", "x", x, keep=keep)
-    _checks.fake_dims("fuse_tokens", x=(x, 2), keep=(keep, 1))
+    return _fused_rows_fake("fuse_tokens", x, keep, kept_counts)
+
+
+def _fused_rows_fake(op, x, keep, kept_counts):
+    _checks.fake_same_device(op, "x", x, keep=keep)
+    _checks.fake_dims(op, x=(x, 2), keep=(keep, 1))
+    if all(isinstance(c, int) for c in kept_counts) and any(c < 0 for c in kept_counts):  # (not SymInts)
+        raise ValueError(f"tsparse.{op}: `kept_counts` must be >= 0, got {list(kept_counts)[:4]}")
     k = sum(kept_counts)
     return (
         x.new_empty((k, x.shape[1])),
@@ -235,7 +253,9 @@ def _fuse_tokens_fake(x, keep, token_offsets, kept_counts):
 
 @torch.library.register_fake("tsparse::fuse_tokens_nearest")
 def _fuse_tokens_nearest_fake(x, keep, coords, token_offsets, kept_counts):
-    return _fuse_tokens_fake(x, keep, token_offsets, kept_counts)
+    _checks.fake_same_device("fuse_tokens_nearest", "x", x, coords=coords)
+    _checks.fake_dims("fuse_tokens_nearest", coords=(coords, 2))
+    return _fused_rows_fake("fuse_tokens_nearest", x, keep, kept_counts)
 
 
 # --------------------------------------------------------------------------------------
@@ -516,16 +536,16 @@ def _offsets_list(token_offsets, op: str, n: int) -> list[int]:
     return offsets
 
 
-def _check_keep(x: Tensor, keep: Tensor, op: str) -> None:
+def _check_keep(x: Tensor, keep: Tensor, op: str, x_arg: str = "x") -> None:
     if keep.dtype != torch.bool:
         raise TypeError(f"tsparse.{op}: `keep` must be bool, got {keep.dtype}")
     if keep.dim() != 1 or x.dim() != 2 or keep.shape[0] != x.shape[0]:
         raise ValueError(
-            f"tsparse.{op}: `keep` must have shape [N] with N = x.shape[0]; got keep "
-            f"{tuple(keep.shape)} and x {tuple(x.shape)}"
+            f"tsparse.{op}: `keep` must have shape [N] with N = {x_arg}.shape[0]; got keep "
+            f"{tuple(keep.shape)} and {x_arg} {tuple(x.shape)}"
         )
     if keep.device != x.device:
-        raise ValueError(f"tsparse.{op}: `keep` is on {keep.device} but `x` is on {x.device}")
+        raise ValueError(f"tsparse.{op}: `keep` is on {keep.device} but `{x_arg}` is on {x.device}")
 
 
 def _check_rows_keep(x, keep, op: str, x_arg: str) -> None:
@@ -539,8 +559,7 @@ def _check_rows_keep(x, keep, op: str, x_arg: str) -> None:
         raise ValueError(f"tsparse.{op}: `{x_arg}` must be 2-D [N, D], got {tuple(x.shape)}")
     for arg, t in ((x_arg, x), ("keep", keep)):
         _checks.not_meta(t, op, arg, "the output is sized and indexed on the host")
-    with _checks.renamed_errors(op, (op,), {"x": x_arg}):
-        _check_keep(x, keep, op)
+    _check_keep(x, keep, op, x_arg)
 
 
 def _checked_kept_counts(keep: Tensor, offsets: Sequence[int], kept_counts, op: str) -> list[int]:
@@ -640,7 +659,7 @@ def token_coords(
         except (RuntimeError, TypeError, ValueError):
             raise ValueError(f"tsparse.{op}: `device` must be a torch.device or a device string, got {device!r}") from None
     (grid,) = _host_metadata(op, image_grid_thw=image_grid_thw)
-    token_offsets_from_grid(grid, merge_size)  # positive (t, h, w), h and w multiples of merge_size
+    _grid_offsets(grid, merge_size, op)  # positive (t, h, w), h and w multiples of merge_size
     parts = []
     for t, h, w in grid.tolist():
         hh, ww = h // merge_size, w // merge_size
@@ -695,7 +714,7 @@ def summary_tokens(
     _check_rows_keep(x, keep, op, "x")
     _check_grid(image_grid_thw, op, merge_size)
     (grid,) = _host_metadata(op, image_grid_thw=image_grid_thw)
-    offsets = token_offsets_from_grid(grid, merge_size)
+    offsets = _grid_offsets(grid, merge_size, op)
     if offsets[-1] != x.shape[0]:
         raise ValueError(f"tsparse.{op}: `x` has {x.shape[0]} rows but `image_grid_thw` describes {offsets[-1]} tokens")
     counts = _checked_kept_counts(keep, offsets, kept_counts, op)
@@ -779,7 +798,7 @@ def fuse_visual_tokens(
     _check_rows_keep(image_embeds, keep, op, "image_embeds")
     _check_grid(image_grid_thw, op, merge_size)
     (grid,) = _host_metadata(op, image_grid_thw=image_grid_thw)
-    token_offsets = token_offsets_from_grid(grid, merge_size)
+    token_offsets = _grid_offsets(grid, merge_size, op)
     if image_embeds.shape[0] != token_offsets[-1]:
         raise ValueError(
             f"tsparse.{op}: `image_embeds` must have shape [N, D] with N = {token_offsets[-1]} "
@@ -877,7 +896,7 @@ def select_visual_tokens(
     counts = kept_counts.tolist()  # the one sync: sizes the output
     with nvtx_range(f"select_visual_tokens/{method}"):
         # the mask op's own counts: no check against the mask needed
-        sel = _fuse_visual(image_embeds, keep, grid, token_offsets_from_grid(grid, merge_size), method, counts,
+        sel = _fuse_visual(image_embeds, keep, grid, _grid_offsets(grid, merge_size, op), method, counts,
                            merge_size)
     if method != "summary":  # the mask op's own counts tensor (no copy back to the device)
         sel = sel._replace(counts=kept_counts)
