@@ -835,6 +835,11 @@ def test_fusion_composites_check_their_arguments_by_name():
         with pytest.raises(exc, match=pattern):
             call()
     assert token_coords(grid).shape == (4, 3)
+    if not torch.cuda.is_available():  # found by the sweep: device=3 (cuda:3) was "Found no NVIDIA driver"
+        with pytest.raises(ValueError, match=r"token_coords: `device` is cuda:3 but no such CUDA device"):
+            token_coords(grid, device=3)
+    with pytest.raises(ValueError, match=r"pack_varlen: `total` must be a non-negative int \(below 2\^63\)"):
+        pack_varlen(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), total=2**64)  # was the raw schema's error
 
 
 # ======================================================================================

@@ -144,8 +144,8 @@ def _check_mask(attention_mask, keep, op: str = "pack_varlen"):
 def _host_int(value, op: str, arg: str) -> Optional[int]:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"tsparse.{op}: `{arg}` must be a non-negative int or None, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ValueError(f"tsparse.{op}: `{arg}` must be a non-negative int (below 2^63) or None, got {value!r}")
     return int(value)
 
 

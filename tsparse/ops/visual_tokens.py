@@ -512,7 +512,10 @@ def _int_list(values, op: str, arg: str) -> list[int]:
     for v in items:
         if isinstance(v, bool) or isinstance(v, (float, str)) or not hasattr(v, "__index__"):
             raise TypeError(f"tsparse.{op}: `{arg}` must hold ints, got {type(v).__name__} {v!r}")
-        out.append(int(v.__index__()))
+        try:
+            out.append(int(v.__index__()))
+        except (TypeError, ValueError, RuntimeError):  # e.g. a float or multi-element tensor
+            raise TypeError(f"tsparse.{op}: `{arg}` must hold ints, got {type(v).__name__} {v!r}") from None
     return out
 
 
@@ -658,6 +661,8 @@ def token_coords(
             device = torch.device(device)
         except (RuntimeError, TypeError, ValueError):
             raise ValueError(f"tsparse.{op}: `device` must be a torch.device or a device string, got {device!r}") from None
+        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+            raise ValueError(f"tsparse.{op}: `device` is {device} but no such CUDA device is usable here")
     (grid,) = _host_metadata(op, image_grid_thw=image_grid_thw)
     _grid_offsets(grid, merge_size, op)  # positive (t, h, w), h and w multiples of merge_size
     parts = []
