@@ -196,6 +196,47 @@ def test_single_read_any_width(device, v):
             assert_same_result(one, two, g_one, g_two, exact=device == "cpu", dtype=torch.bfloat16, v=v)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_single_read_overlapping_logits_rows(device, dtype):
+    """Logits whose rows overlap (an expanded row: row stride 0; an unfolded window: stride < V)
+    have one gradient row per logits row, summed by autograd into the shared memory. The gradient
+    buffer once took the logits' row stride when the row length was not a whole number of 16-byte
+    vectors, so its rows overlapped too and every row's gradient overwrote the others'."""
+    t = 6
+    for v, step in ((3, 0), (13, 0), (9, 5), (100, 37), (16, 0)):
+        base = random_logits(1, (t - 1) * step + v, dtype, device)
+        targets = torch.randint(0, v, (t,), device=device)
+        d = grpo_inputs(t, v, device, dtype=torch.float32, mask_p=1.0)
+        args = (targets, d["old"], d["adv"], d["mask"])
+        kw = dict(entropy_coef=0.01, return_entropy=True)
+
+        def run(impl):
+            leaf = base.clone().requires_grad_()
+            x = leaf[0].as_strided((t, v), (step, 1))  # a non-leaf view with overlapping rows
+            res = grpo_loss(x, *args, impl=impl, **kw)
+            res.loss.backward()
+            return res, leaf.grad
+
+        two, g_two = run("two_pass")
+        one, g_one = run("single_read")
+        close(one.loss, two.loss, atol=0 if device == "cpu" else 2e-5, rtol=0 if device == "cpu" else 1e-5)
+        if device == "cpu":
+            assert torch.equal(g_one, g_two), (v, step)
+        else:
+            close_grad(g_one, g_two, dtype)
+    # The gradient buffer is compact and at the logits' 16-byte phase for any row stride.
+    full = random_logits(2 * t, 9, torch.bfloat16, device)
+    x = full[1::2]  # row stride 18 elements, rows at an odd element offset
+    d = grpo_inputs(t, 9, device, dtype=torch.float32)
+    out = ops.grpo_loss_fused(x, d["targets"], d["old"].float(), d["adv"].float(), None, None,
+                              torch.ones(t, device=device), 1.0, 0.2, 0.2, 3.0, "k1", CLAMP_EDGES, 0.0, 0.0, False,
+                              True, True)
+    g = out[-1]
+    assert g.shape == (t, 9) and g.stride(1) == 1
+    assert 9 <= g.stride(0) < 9 + 8 and (g.stride(0) - x.stride(0)) % 8 == 0
+    assert (g.data_ptr() - x.data_ptr()) % 16 == 0
+
+
 def test_single_read_inplace_writes_the_logits_in_forward(device):
     d = grpo_inputs(12, 64, device, dtype=torch.float32)
     args = (d["targets"], d["old"], d["adv"], d["mask"])
