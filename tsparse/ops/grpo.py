@@ -1131,10 +1131,13 @@ class _FusedLinearGRPO(torch.autograd.Function):
         grad_h, grad_w = ctx.grads
         ctx.grads = None
         ctx.anchors = ctx.saved_tensors
+        # The upstream scalar stays in the loss's dtype (fp32 / fp64): rounded to bf16 it was off
+        # by up to 2^-9 (1/3 -> 0.33398), and a loss scaler's 65536 overflowed float16 to inf.
+        g = g_loss.detach()
         if grad_h is not None:
-            grad_h.mul_(g_loss.to(grad_h.dtype))
+            grad_h.mul_(g)
         if grad_w is not None:
-            grad_w.mul_(g_loss.to(grad_w.dtype))
+            grad_w.mul_(g)
         return grad_h, grad_w, None, None, None, None, None
 
 
