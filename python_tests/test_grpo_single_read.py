@@ -366,6 +366,61 @@ def test_row_layout_matches_its_contract():
                     assert 0 <= o["owner_lane"] < lay["threads"]
 
 
+def _kernel_loop_vectors(tid: int, n: int, group: int, unroll: int = 4) -> list[int]:
+    """The vectors thread `tid` visits in grpo_device.cuh stream_vectors / grad_vectors (full
+    trips of `unroll` vectors group apart, then single vectors), re-derived from the loops."""
+    out, v = [], tid
+    while v + (unroll - 1) * group < n:
+        out += [v + k * group for k in range(unroll)]
+        v += unroll * group
+    while v < n:
+        out.append(v)
+        v += group
+    return out
+
+
+def test_cluster_kernel_writes_each_element_once_by_its_owner():
+    """The single-read kernel's write phase, simulated from its loops (rank 0's head lanes, the
+    last rank's tail lanes, each rank's slice through the vector loop): every element of the row
+    is written by exactly one (rank, thread), that is grpo_layout.h cluster_owner's, so the owner's
+    rewrite of the target element follows the only other store to it in program order; and no
+    thread indexes its shared-memory slice past slice_vecs. The plan's widths 1..8 CTAs, 128 / 512
+    threads, every misalignment."""
+    for elem in (2, 4):
+        for cols in (1, 3, 8, 9, 17, 1000, 4097, 20001, 38017, 76289, 152577):
+            for mis in range(0, 16, elem):
+                lay = _C.grpo_row_layout(cols, elem, mis, 512, 0)
+                per, ctas, thr = 16 // elem, lay["ctas"], lay["threads"]
+                count = torch.zeros(cols, dtype=torch.int32)
+                rank_of = torch.full((cols,), -1, dtype=torch.int32)
+                thread_of = torch.full((cols,), -1, dtype=torch.int32)
+
+                def mark(j, rank, tid):  # j: element indices (a tensor)
+                    count[j] += 1
+                    rank_of[j] = rank
+                    thread_of[j] = tid
+
+                for rank, (b, e) in enumerate(lay["slices"]):
+                    if rank == 0:
+                        mark(torch.arange(lay["head"]), 0, torch.arange(lay["head"], dtype=torch.int32))
+                    if rank == ctas - 1:
+                        mark(lay["tail0"] + torch.arange(lay["ntail"]), rank,
+                             torch.arange(lay["ntail"], dtype=torch.int32))
+                    vec_thread = torch.full((e - b,), -1, dtype=torch.int32)
+                    for tid in range(min(thr, e - b)):
+                        vs = _kernel_loop_vectors(tid, e - b, thr)
+                        assert not vs or max(vs) < lay["slice_vecs"]
+                        vec_thread[vs] = tid
+                    assert (vec_thread >= 0).all()
+                    j = lay["head"] + (b + torch.arange(e - b)).repeat_interleave(per) * per + torch.arange(per).repeat(e - b)
+                    mark(j, rank, vec_thread.repeat_interleave(per))
+                assert (count == 1).all(), (cols, elem, mis)
+                for j in sorted({0, 1, per - 1, per, cols // 2, cols - per, cols - 2, cols - 1} & set(range(cols))):
+                    o = _C.grpo_row_layout(cols, elem, mis, thr, j)
+                    assert (rank_of[j].item(), thread_of[j].item()) == (o["owner_rank"], o["owner_thread"]), (
+                        cols, elem, mis, j)
+
+
 # ======================================================================================
 # CUDA-only (skipped without a GPU).
 def _kernel_names(fn) -> list[str]:
