@@ -160,6 +160,28 @@ def test_single_read_extreme_logits_and_masked_rows(device):
         assert_same_result(one, two, g_one, g_two, exact=device == "cpu", dtype=dtype, v=v)
 
 
+def test_single_read_float16_keeps_small_gradients_under_loss_scaling(device):
+    """The single read rounds the gradient to the logits' dtype at upstream 1 and scales it in
+    backward. In float16 most of a softmax gradient at token-mean lies below the smallest
+    subnormal (6e-8) and would be flushed before a loss scaler's factor reaches it (measured on
+    the CPU before the fix: ~44% of the elements nonzero instead of ~80% at upstream 65536), so
+    grpo_loss runs float16 logits that need a gradient as two_pass; its results then equal
+    two_pass's exactly. Forward-only float16 single_read is unaffected."""
+    t, v = 96, 2048
+    d = grpo_inputs(t, v, device, dtype=torch.float16, mask_p=1.0)
+    args = (d["targets"], d["old"].float(), d["adv"].float(), d["mask"])
+    scale = 65536.0
+    two, g_two = run_loss(d["logits"], args, {}, impl="two_pass", upstream=scale)
+    for inplace in (False, True):
+        one, g_one = run_loss(d["logits"], args, {}, impl="single_read", inplace=inplace, upstream=scale)
+        assert torch.equal(g_one, g_two) and torch.equal(one.loss, two.loss)
+    g1 = run_loss(d["logits"], args, {}, impl="two_pass")[1]
+    assert (g_two != 0).float().mean() > 1.5 * (g1 != 0).float().mean()  # a case where it matters
+    with torch.no_grad():
+        fwd = grpo_loss(d["logits"], *args, impl="single_read")
+    close(fwd.loss, two.loss, atol=0 if device == "cpu" else 2e-5, rtol=0 if device == "cpu" else 1e-5)
+
+
 def test_single_read_all_masked_and_empty(device):
     for t in (0, 9):
         d = grpo_inputs(t, 23, device)
@@ -196,6 +218,47 @@ def test_single_read_any_width(device, v):
         for inplace in (False, True):
             one, g_one = run("single_read", off, inplace)
             assert_same_result(one, two, g_one, g_two, exact=device == "cpu", dtype=torch.bfloat16, v=v)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_single_read_overlapping_logits_rows(device, dtype):
+    """Logits whose rows overlap (an expanded row: row stride 0; an unfolded window: stride < V)
+    have one gradient row per logits row, summed by autograd into the shared memory. The gradient
+    buffer once took the logits' row stride when the row length was not a whole number of 16-byte
+    vectors, so its rows overlapped too and every row's gradient overwrote the others'."""
+    t = 6
+    for v, step in ((3, 0), (13, 0), (9, 5), (100, 37), (16, 0)):
+        base = random_logits(1, (t - 1) * step + v, dtype, device)
+        targets = torch.randint(0, v, (t,), device=device)
+        d = grpo_inputs(t, v, device, dtype=torch.float32, mask_p=1.0)
+        args = (targets, d["old"], d["adv"], d["mask"])
+        kw = dict(entropy_coef=0.01, return_entropy=True)
+
+        def run(impl):
+            leaf = base.clone().requires_grad_()
+            x = leaf[0].as_strided((t, v), (step, 1))  # a non-leaf view with overlapping rows
+            res = grpo_loss(x, *args, impl=impl, **kw)
+            res.loss.backward()
+            return res, leaf.grad
+
+        two, g_two = run("two_pass")
+        one, g_one = run("single_read")
+        close(one.loss, two.loss, atol=0 if device == "cpu" else 2e-5, rtol=0 if device == "cpu" else 1e-5)
+        if device == "cpu":
+            assert torch.equal(g_one, g_two), (v, step)
+        else:
+            close_grad(g_one, g_two, dtype)
+    # The gradient buffer is compact and at the logits' 16-byte phase for any row stride.
+    full = random_logits(2 * t, 9, torch.bfloat16, device)
+    x = full[1::2]  # row stride 18 elements, rows at an odd element offset
+    d = grpo_inputs(t, 9, device, dtype=torch.float32)
+    out = ops.grpo_loss_fused(x, d["targets"], d["old"].float(), d["adv"].float(), None, None,
+                              torch.ones(t, device=device), 1.0, 0.2, 0.2, 3.0, "k1", CLAMP_EDGES, 0.0, 0.0, False,
+                              True, True)
+    g = out[-1]
+    assert g.shape == (t, 9) and g.stride(1) == 1
+    assert 9 <= g.stride(0) < 9 + 8 and (g.stride(0) - x.stride(0)) % 8 == 0
+    assert (g.data_ptr() - x.data_ptr()) % 16 == 0
 
 
 def test_single_read_inplace_writes_the_logits_in_forward(device):
@@ -311,6 +374,61 @@ def test_row_layout_matches_its_contract():
                     assert 0 <= o["owner_lane"] < lay["threads"]
 
 
+def _kernel_loop_vectors(tid: int, n: int, group: int, unroll: int = 4) -> list[int]:
+    """The vectors thread `tid` visits in grpo_device.cuh stream_vectors / grad_vectors (full
+    trips of `unroll` vectors group apart, then single vectors), re-derived from the loops."""
+    out, v = [], tid
+    while v + (unroll - 1) * group < n:
+        out += [v + k * group for k in range(unroll)]
+        v += unroll * group
+    while v < n:
+        out.append(v)
+        v += group
+    return out
+
+
+def test_cluster_kernel_writes_each_element_once_by_its_owner():
+    """The single-read kernel's write phase, simulated from its loops (rank 0's head lanes, the
+    last rank's tail lanes, each rank's slice through the vector loop): every element of the row
+    is written by exactly one (rank, thread), that is grpo_layout.h cluster_owner's, so the owner's
+    rewrite of the target element follows the only other store to it in program order; and no
+    thread indexes its shared-memory slice past slice_vecs. The plan's widths 1..8 CTAs, 128 / 512
+    threads, every misalignment."""
+    for elem in (2, 4):
+        for cols in (1, 3, 8, 9, 17, 1000, 4097, 20001, 38017, 76289, 152577):
+            for mis in range(0, 16, elem):
+                lay = _C.grpo_row_layout(cols, elem, mis, 512, 0)
+                per, ctas, thr = 16 // elem, lay["ctas"], lay["threads"]
+                count = torch.zeros(cols, dtype=torch.int32)
+                rank_of = torch.full((cols,), -1, dtype=torch.int32)
+                thread_of = torch.full((cols,), -1, dtype=torch.int32)
+
+                def mark(j, rank, tid):  # j: element indices (a tensor)
+                    count[j] += 1
+                    rank_of[j] = rank
+                    thread_of[j] = tid
+
+                for rank, (b, e) in enumerate(lay["slices"]):
+                    if rank == 0:
+                        mark(torch.arange(lay["head"]), 0, torch.arange(lay["head"], dtype=torch.int32))
+                    if rank == ctas - 1:
+                        mark(lay["tail0"] + torch.arange(lay["ntail"]), rank,
+                             torch.arange(lay["ntail"], dtype=torch.int32))
+                    vec_thread = torch.full((e - b,), -1, dtype=torch.int32)
+                    for tid in range(min(thr, e - b)):
+                        vs = _kernel_loop_vectors(tid, e - b, thr)
+                        assert not vs or max(vs) < lay["slice_vecs"]
+                        vec_thread[vs] = tid
+                    assert (vec_thread >= 0).all()
+                    j = lay["head"] + (b + torch.arange(e - b)).repeat_interleave(per) * per + torch.arange(per).repeat(e - b)
+                    mark(j, rank, vec_thread.repeat_interleave(per))
+                assert (count == 1).all(), (cols, elem, mis)
+                for j in sorted({0, 1, per - 1, per, cols // 2, cols - per, cols - 2, cols - 1} & set(range(cols))):
+                    o = _C.grpo_row_layout(cols, elem, mis, thr, j)
+                    assert (rank_of[j].item(), thread_of[j].item()) == (o["owner_rank"], o["owner_thread"]), (
+                        cols, elem, mis, j)
+
+
 # ======================================================================================
 # CUDA-only (skipped without a GPU).
 def _kernel_names(fn) -> list[str]:
@@ -324,12 +442,14 @@ def _kernel_names(fn) -> list[str]:
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("v,dtype,cluster", [(152064, torch.bfloat16, True), (4096, torch.float16, True),
+@pytest.mark.parametrize("v,dtype,cluster", [(152064, torch.bfloat16, True), (4096, torch.float16, False),
                                              (262144, torch.float32, True), (1 << 20, torch.bfloat16, False),
                                              (1000, torch.float64, False)])
 def test_cuda_single_read_path_choice(v, dtype, cluster):
     """The cluster kernel runs where the plan fits and the two-pass kernels (same results)
-    elsewhere: fp64, rows over 8 x 200 KB."""
+    elsewhere: fp64, rows over 8 x 200 KB; grpo_loss runs float16 logits that need a gradient
+    as two_pass (no cluster kernel, no scale kernel: loss scaling), the op itself still runs the
+    cluster kernel for them."""
     t = 4
     d = grpo_inputs(t, v, "cuda", dtype=dtype)
     args = (d["targets"], d["old"], d["adv"], d["mask"])
@@ -337,7 +457,18 @@ def test_cuda_single_read_path_choice(v, dtype, cluster):
     names = _kernel_names(lambda: run_loss(d["logits"], args, kw, impl="single_read"))
     ran_cluster = any("grpo_loss_cluster_kernel" in n for n in names)
     assert ran_cluster == cluster, names
-    assert any("scale_rows_kernel" in n for n in names)
+    assert any("scale_rows_kernel" in n for n in names) == (dtype != torch.float16)
+    if dtype == torch.float16:
+        w = torch.where(d["mask"], 1.0 / t, 0.0).float()
+        op_args = (d["targets"], d["old"].float(), d["adv"].float(), d["ref"].float(), None, w, 1.0, 0.2, 0.2, 3.0,
+                   "k1", CLAMP_EDGES, 0.02, 0.01, True, True)
+        outs = {}
+        for single in (True, False):
+            names = _kernel_names(lambda: outs.__setitem__(single, ops.grpo_loss_fused(d["logits"], *op_args,
+                                                                                      single)))
+            assert any("grpo_loss_cluster_kernel" in n for n in names) == single, names
+        for a, b in zip(outs[True], outs[False]):
+            close(a.float(), b.float(), atol=5e-5, rtol=1e-3)
     two, g_two = run_loss(d["logits"], args, kw, impl="two_pass")
     one, g_one = run_loss(d["logits"], args, kw, impl="single_read")
     assert_same_result(one, two, g_one, g_two, exact=False, dtype=dtype, v=v)

@@ -281,14 +281,18 @@ inline void unalias_fused_from_logits(GrpoFusedPrep& p, const at::Tensor& logits
 
 // A [rows, cols] gradient buffer whose rows start at the same offset from a 16-byte boundary
 // as the logits' rows (so a kernel can move both with the same 16-byte vectors): contiguous
-// when the logits' rows are (the usual case), else the logits' row stride and base phase.
+// when the logits' rows are (the usual case), else the smallest row stride >= cols that is
+// congruent to the logits' row stride modulo a 16-byte vector, and the logits' base phase.
+// The gradient's rows never overlap, even where the logits' rows do (an expanded or unfolded
+// view with a row stride below cols: its rows' gradients differ and autograd sums them).
 inline at::Tensor alloc_grad_like_rows(const at::Tensor& rows) {
   const int64_t t = rows.size(0), v = rows.size(1), e = rows.element_size();
   const int64_t s = row_stride(rows);
-  const int64_t stride = ((s - v) * e) % 16 == 0 ? v : s;
+  const int64_t per_vec = 16 / e;
+  const int64_t stride = v + (((s - v) % per_vec) + per_vec) % per_vec;  // >= v, = s mod per_vec
   const int64_t phase = static_cast<int64_t>(reinterpret_cast<uintptr_t>(rows.data_ptr()) % 16) / e;
   if (stride == v && phase == 0) return at::empty({t, v}, rows.options());
-  at::Tensor buf = at::empty({t * stride + 16 / e}, rows.options());  // storage is 16-byte aligned
+  at::Tensor buf = at::empty({t * stride + per_vec}, rows.options());  // storage is 16-byte aligned
   return buf.as_strided({t, v}, {stride, 1}, phase);
 }
 

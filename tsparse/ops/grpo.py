@@ -1186,7 +1186,13 @@ def grpo_loss(
             rows over 8 x 200 KB, e.g. V > 819,200 bf16) and the CPU run the two-pass math in
             the same op, with results equal to ``two_pass``'s. Only ``loss`` is differentiable
             here: ``logp`` / ``entropy`` / ``kl`` are detached (they are differentiable with
-            ``two_pass``).
+            ``two_pass``). The gradient is rounded to the logits' dtype at upstream gradient 1
+            and scaled afterwards: bf16 / fp32 see one extra rounding when the upstream is not 1
+            (a power of two is exact), but float16 gradients below its smallest subnormal
+            (6e-8: most of a softmax gradient at token-mean over many tokens) would be lost
+            before a loss scaler (``torch.amp.GradScaler``) multiplies them, so float16 logits
+            that need a gradient run ``two_pass`` (which folds the upstream gradient in before
+            rounding).
 
     Returns:
         :class:`GRPOLoss` (loss, per-token logp / ratio / entropy / kl, per-stream metrics).
@@ -1219,7 +1225,10 @@ def grpo_loss(
         num_streams=num_streams, loss_agg=loss_agg, seq_ids=seq_ids, is_weights=is_weights,
         return_entropy=return_entropy, loss_scale_factor=loss_scale_factor,
     )
-    if impl == "single_read":
+    # float16 gradients computed at upstream 1 underflow before a loss scaler could lift them:
+    # two_pass applies the upstream gradient before rounding (see `impl` above).
+    fp16_grad = logits.dtype == torch.float16 and logits.requires_grad and torch.is_grad_enabled()
+    if impl == "single_read" and not fp16_grad:
         loss, logp, entropy, pg, kl, ratio, flags = _grpo_loss_single_read(logits, targets, temperature, plan,
                                                                            inplace_backward)
         entropy = entropy if plan.want_entropy else None
@@ -1442,10 +1451,13 @@ class _FusedLinearGRPO(torch.autograd.Function):
         grad_h, grad_w = ctx.grads
         ctx.grads = None
         ctx.anchors = ctx.saved_tensors
+        # The upstream scalar stays in the loss's dtype (fp32 / fp64): rounded to bf16 it was off
+        # by up to 2^-9 (1/3 -> 0.33398), and a loss scaler's 65536 overflowed float16 to inf.
+        g = g_loss.detach()
         if grad_h is not None:
-            grad_h.mul_(g_loss.to(grad_h.dtype))
+            grad_h.mul_(g)
         if grad_w is not None:
-            grad_w.mul_(g_loss.to(grad_w.dtype))
+            grad_w.mul_(g)
         return grad_h, grad_w, None, None, None, None, None
 
 
