@@ -771,6 +771,8 @@ def test_scale_rows_checks_what_it_writes():
         ops.scale_rows_(torch.ones(2, 3), torch.tensor([2]))
     with pytest.raises(ValueError, match=r"tsparse\.scale_rows_: `scale` must be a one-element tensor"):
         ops.scale_rows_(torch.ones(2, 3), torch.tensor([2.0, 3.0]))
+    with pytest.raises(TypeError, match=r"tsparse\.scale_rows_: `scale` must be a tensor, got None"):
+        ops.scale_rows_(torch.ones(2, 3), None)  # the sweep: torch's "tensor does not have a device"
     x = torch.ones(3, 8)[:, 1:6]  # strided rows, contiguous last dimension
     ops.scale_rows_(x, torch.tensor([2.5], dtype=torch.float64))
     assert (x == 2.5).all()

@@ -73,6 +73,10 @@ inline void check_inplace_logits(const at::Tensor& logits, const char* op) {
 // floating scale on x's device.
 inline void check_scale_rows(const at::Tensor& x, const at::Tensor& scale) {
   constexpr const char* op = "scale_rows_";
+  // The dispatcher lets None through for a required Tensor: name it instead of torch's
+  // "tensor does not have a device".
+  TORCH_CHECK_TYPE(x.defined(), "tsparse.", op, ": `x` must be a tensor, got None");
+  TORCH_CHECK_TYPE(scale.defined(), "tsparse.", op, ": `scale` must be a tensor, got None");
   TORCH_CHECK_TYPE(is_row_dtype(x.scalar_type()), "tsparse.", op,
                    ": `x` must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 2, "tsparse.", op, ": `x` must be 2-D, got shape ", x.sizes());
