@@ -752,6 +752,21 @@ def test_row_counts_beyond_int64_are_named():
 
 # ======================================================================================
 # The arguments and raw ops main added (single-read grpo_loss, fusion methods), to the same bar.
+def test_grpo_scalars_take_numpy_numbers_like_the_other_ops():
+    """grpo.py's own number check took int / float only (a numpy float32 clip was a TypeError
+    while box_to_patch_mask's margin took it): both now use _checks.number."""
+    np = pytest.importorskip("numpy")
+    args = (torch.randn(4, 6), torch.zeros(4, dtype=torch.long), torch.zeros(4), torch.ones(4),
+            torch.ones(4, dtype=torch.bool))
+    a = grpo_loss(*args, clip_low=np.float32(0.25), temperature=np.float64(0.9), stream=torch.tensor([0, 1, 0, 1]),
+                  stream_weights=[np.float32(1.0), 2]).loss
+    b = grpo_loss(*args, clip_low=0.25, temperature=0.9, stream=torch.tensor([0, 1, 0, 1]), stream_weights=[1.0, 2]).loss
+    assert torch.equal(a, b)
+    for bad in ("0.2", True, torch.tensor(0.2)):
+        with pytest.raises(TypeError, match=r"grpo_loss: `clip_low` must be a number"):
+            grpo_loss(*args, clip_low=bad)
+
+
 def test_grpo_loss_impl_is_checked_by_name():
     args = (torch.randn(4, 6), torch.zeros(4, dtype=torch.long), torch.zeros(4), torch.zeros(4),
             torch.ones(4, dtype=torch.bool))

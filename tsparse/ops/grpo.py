@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 import sys
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Union
@@ -545,9 +546,8 @@ def _need_tensor(value, op: str, arg: str) -> Tensor:
 
 
 def _number(value, op: str, arg: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"tsparse.{op}: `{arg}` must be a number, got {type(value).__name__}")
-    return float(value)
+    """A real number (numpy scalars too; not a bool, a string or a tensor), as the other op families."""
+    return _checks.number(value, op, arg)
 
 
 def _check_temperature(temperature, op: str) -> float:
@@ -802,7 +802,7 @@ def _stream_weights(stream_weights, op: str, device: torch.device, acc: torch.dt
         )
     vals = []
     for w in stream_weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
             raise TypeError(
                 f"tsparse.{op}: `stream_weights` must be a sequence of numbers, got {type(w).__name__} {w!r} in it"
             )
