@@ -17,11 +17,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define TSPARSE_HD __host__ __device__ __forceinline__
-#else
-#define TSPARSE_HD inline
-#endif
+#include "tsparse/host_device.h"
 
 namespace tsparse {
 

@@ -7,13 +7,7 @@
 
 #include <cstdint>
 
-#if !defined(TSPARSE_HD)
-#if defined(__CUDACC__)
-#define TSPARSE_HD __host__ __device__ __forceinline__
-#else
-#define TSPARSE_HD inline
-#endif
-#endif
+#include "tsparse/host_device.h"
 
 namespace tsparse {
 namespace grpo {

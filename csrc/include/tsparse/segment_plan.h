@@ -16,11 +16,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define TSPARSE_SEG_HD __host__ __device__ __forceinline__
-#else
-#define TSPARSE_SEG_HD inline
-#endif
+#include "tsparse/host_device.h"
 
 namespace tsparse {
 
@@ -29,24 +25,24 @@ namespace tsparse {
 // of D accumulators (1/8 of a bf16 source's bytes at P = 32), allocated per call.
 constexpr int64_t kSegmentPiece = 32;
 
-TSPARSE_SEG_HD bool segment_is_split(int64_t beg, int64_t end) { return end - beg > kSegmentPiece; }
+TSPARSE_HD bool segment_is_split(int64_t beg, int64_t end) { return end - beg > kSegmentPiece; }
 
-TSPARSE_SEG_HD int64_t segment_chunks(int64_t perm_len) {
+TSPARSE_HD int64_t segment_chunks(int64_t perm_len) {
   return perm_len > 0 ? (perm_len + kSegmentPiece - 1) / kSegmentPiece : 0;
 }
 
 // End of the piece that starts at perm position `pos` of a split segment ending at `end`.
-TSPARSE_SEG_HD int64_t segment_piece_end(int64_t pos, int64_t end) {
+TSPARSE_HD int64_t segment_piece_end(int64_t pos, int64_t end) {
   const int64_t next = (pos / kSegmentPiece + 1) * kSegmentPiece;
   return next < end ? next : end;
 }
 
 // Workspace slot of the piece of a split segment [beg, end) that lies in chunk c:
 // 2c + 1 for its first piece (beg is in chunk c), 2c for a later piece.
-TSPARSE_SEG_HD int64_t segment_slot(int64_t chunk, bool first) { return 2 * chunk + (first ? 1 : 0); }
+TSPARSE_HD int64_t segment_slot(int64_t chunk, bool first) { return 2 * chunk + (first ? 1 : 0); }
 
 // Accumulator rows the CUDA workspace needs (0 when no segment can be split).
-TSPARSE_SEG_HD int64_t segment_workspace_rows(int64_t perm_len) {
+TSPARSE_HD int64_t segment_workspace_rows(int64_t perm_len) {
   return perm_len > kSegmentPiece ? 2 * segment_chunks(perm_len) : 0;
 }
 
