@@ -539,26 +539,15 @@ class _LogprobsInplaceBackward(torch.autograd.Function):
 
 # --------------------------------------------------------------------------------------
 # Argument checks (the C++ side repeats every check that guards memory).
-def _need_tensor(value, op: str, arg: str) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"tsparse.{op}: `{arg}` must be a torch.Tensor, got {type(value).__name__}")
-    return value
-
-
-def _number(value, op: str, arg: str) -> float:
-    """A real number (numpy scalars too; not a bool, a string or a tensor), as the other op families."""
-    return _checks.number(value, op, arg)
-
-
 def _check_temperature(temperature, op: str) -> float:
-    t = _number(temperature, op, "temperature")
+    t = _checks.number(temperature, op, "temperature")
     if not (math.isfinite(t) and t > 0):
         raise ValueError(f"tsparse.{op}: `temperature` must be a finite number > 0, got {temperature!r}")
     return t
 
 
 def _check_per_token(value, t: int, device: torch.device, op: str, arg: str, kinds=("float",)) -> Tensor:
-    value = _need_tensor(value, op, arg)
+    value = _checks.need_tensor(value, op, arg)
     ok = (
         ("float" in kinds and value.dtype.is_floating_point)
         or ("int" in kinds and value.dtype in (torch.int32, torch.int64))
@@ -575,7 +564,7 @@ def _check_per_token(value, t: int, device: torch.device, op: str, arg: str, kin
 
 
 def _check_rows_targets(op: str, rows: Tensor, rows_arg: str, targets) -> Tensor:
-    targets = _need_tensor(targets, op, "targets")
+    targets = _checks.need_tensor(targets, op, "targets")
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"tsparse.{op}: `targets` must be int64 (or int32), got {targets.dtype}")
     if targets.dim() != 1 or targets.shape[0] != rows.shape[0]:
@@ -589,7 +578,7 @@ def _check_rows_targets(op: str, rows: Tensor, rows_arg: str, targets) -> Tensor
 
 
 def _check_logits(op: str, logits, targets, temperature) -> tuple[Tensor, Tensor, float]:
-    logits = _need_tensor(logits, op, "logits")
+    logits = _checks.need_tensor(logits, op, "logits")
     if logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"tsparse.{op}: `logits` must be float32, float16, bfloat16 or float64, got {logits.dtype}")
     if logits.dim() != 2 or logits.shape[1] < 1:
@@ -844,9 +833,9 @@ def _plan_loss(
         ref_logp = _check_per_token(ref_logp, t, device, op, "ref_logp").detach().to(acc)
     if is_weights is not None:
         is_weights = _check_per_token(is_weights, t, device, op, "is_weights").detach().to(acc)
-    clip_low = _number(clip_low, op, "clip_low")
-    clip_high = _number(clip_high, op, "clip_high")
-    clip_ratio_c = _number(clip_ratio_c, op, "clip_ratio_c")
+    clip_low = _checks.number(clip_low, op, "clip_low")
+    clip_high = _checks.number(clip_high, op, "clip_high")
+    clip_ratio_c = _checks.number(clip_ratio_c, op, "clip_ratio_c")
     for name, v in (("clip_low", clip_low), ("clip_high", clip_high)):
         if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"tsparse.{op}: `{name}` must be a finite number >= 0, got {v!r}")
@@ -854,8 +843,8 @@ def _plan_loss(
         raise ValueError(f"tsparse.{op}: `clip_ratio_c` must be a finite number > 1, got {clip_ratio_c!r}")
     if kl_type not in KL_TYPES:
         raise ValueError(f"tsparse.{op}: `kl_type` must be one of {list(KL_TYPES)}, got {kl_type!r}")
-    kl_coef = _number(kl_coef, op, "kl_coef")
-    entropy_coef = _number(entropy_coef, op, "entropy_coef")
+    kl_coef = _checks.number(kl_coef, op, "kl_coef")
+    entropy_coef = _checks.number(entropy_coef, op, "entropy_coef")
     if not math.isfinite(kl_coef):
         raise ValueError(f"tsparse.{op}: `kl_coef` must be finite, got {kl_coef!r}")
     if not math.isfinite(entropy_coef):
@@ -870,7 +859,7 @@ def _plan_loss(
                 f"tsparse.{op}: loss_agg='seq-mean-token-sum-norm' needs `loss_scale_factor` (verl's default is the "
                 "padded response length, which a flat [T] batch does not have)"
             )
-        loss_scale_factor = _number(loss_scale_factor, op, "loss_scale_factor")
+        loss_scale_factor = _checks.number(loss_scale_factor, op, "loss_scale_factor")
         if not (math.isfinite(loss_scale_factor) and loss_scale_factor > 0):
             raise ValueError(f"tsparse.{op}: `loss_scale_factor` must be a finite number > 0, got {loss_scale_factor!r}")
     elif loss_scale_factor is not None:
@@ -1063,6 +1052,20 @@ def _fused_args(plan: _LossPlan, targets: Tensor, token_weight: Tensor, temperat
     )
 
 
+def _hand_over(ctx, attr: str, op: str, what: str):
+    """``ctx.<attr>``: what a forward computed for its backward (the Functions whose forward
+    writes the gradients), handed over once - a second backward raises instead of reading it
+    again (it may have been scaled, or written into the logits, by the first)."""
+    value = getattr(ctx, attr)
+    if value is None:
+        raise RuntimeError(
+            f"tsparse.{op}: backward ran twice; {what} computed in forward and handed over once (call the op "
+            "again for a second backward)"
+        )
+    setattr(ctx, attr, None)
+    return value
+
+
 class _SingleReadGRPO(torch.autograd.Function):
     """grpo_loss(impl="single_read"): the forward computes the loss AND d loss / d logits (the
     per-token coefficients do not depend on the logits beyond each row's own statistics), into a
@@ -1090,12 +1093,7 @@ class _SingleReadGRPO(torch.autograd.Function):
     @staticmethod
     @_differentiable_once
     def backward(ctx, g_loss, *_unused):
-        if ctx.grad is None:
-            raise RuntimeError(
-                "tsparse.grpo_loss(impl='single_read'): backward ran twice; the gradient is computed in "
-                "forward and handed over once (call the op again for a second backward)"
-            )
-        grad, ctx.grad = ctx.grad, None
+        grad = _hand_over(ctx, "grad", "grpo_loss(impl='single_read')", "the gradient is")
         ctx.anchors = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 6
@@ -1257,8 +1255,8 @@ def _check_accum_dtype(accum_dtype, op: str) -> Optional[torch.dtype]:
 
 
 def _check_linear(op: str, hidden, weight, targets, temperature, chunk_size):
-    hidden = _need_tensor(hidden, op, "hidden")
-    weight = _need_tensor(weight, op, "weight")
+    hidden = _checks.need_tensor(hidden, op, "hidden")
+    weight = _checks.need_tensor(weight, op, "weight")
     if hidden.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"tsparse.{op}: `hidden` must be float32, float16, bfloat16 or float64, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
@@ -1443,13 +1441,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
     @_autocast_off
     @_differentiable_once
     def backward(ctx, g_loss, *_unused):
-        if ctx.grads is None:
-            raise RuntimeError(
-                "tsparse.fused_linear_grpo_loss: backward ran twice; the gradients are computed in "
-                "forward and handed over once (call the op again for a second backward)"
-            )
-        grad_h, grad_w = ctx.grads
-        ctx.grads = None
+        grad_h, grad_w = _hand_over(ctx, "grads", "fused_linear_grpo_loss", "the gradients are")
         ctx.anchors = ctx.saved_tensors
         # The upstream scalar stays in the loss's dtype (fp32 / fp64): rounded to bf16 it was off
         # by up to 2^-9 (1/3 -> 0.33398), and a loss scaler's 65536 overflowed float16 to inf.
