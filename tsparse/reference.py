@@ -77,29 +77,39 @@ def scatter_tokens_ref(src: Tensor, index: Tensor, num_rows: int, fill: Optional
     return base.index_put((index.to(torch.int64),), src)
 
 
-def fuse_assignment_ref(x: Tensor, keep: Tensor, token_offsets: Sequence[int], eps: float = 1e-8) -> Tensor:
-    """Each row's output row under token fusion (int64 [N]), with similarities in fp64."""
-    n = x.shape[0]
-    assign = torch.full((n,), -1, dtype=torch.int64)
-    xd = x.detach().to(torch.float64).cpu()
+def _assignment_ref(keep: Tensor, token_offsets: Sequence[int], winners) -> Tensor:
+    """Each row's output row (int64 [N], on the CPU) when, per image, the kept tokens become the
+    output rows in order and each dropped token joins the kept token ``winners(kept, dropped)``
+    picks for it (positions into ``kept``; ``kept`` and ``dropped`` are row numbers). The
+    tokens of an image with no kept token stay -1."""
+    assign = torch.full((keep.shape[0],), -1, dtype=torch.int64)
     kcpu = keep.cpu()
     out_row = 0
     for i in range(len(token_offsets) - 1):
         a, b = int(token_offsets[i]), int(token_offsets[i + 1])
         rows = torch.arange(a, b)
-        kept = rows[kcpu[a:b]]
-        dropped = rows[~kcpu[a:b]]
+        kept, dropped = rows[kcpu[a:b]], rows[~kcpu[a:b]]
         if kept.numel() == 0:
             continue
         assign[kept] = torch.arange(out_row, out_row + kept.numel())
         if dropped.numel():
-            xk, xdr = xd[kept], xd[dropped]
-            nk = xk.norm(dim=1).clamp_min(eps)
-            nd = xdr.norm(dim=1).clamp_min(eps)
-            sim = (xdr @ xk.T) / nd[:, None] / nk[None, :]
-            assign[dropped] = out_row + sim.argmax(dim=1)  # argmax: first (lowest) index on ties
+            assign[dropped] = out_row + winners(kept, dropped)
         out_row += kept.numel()
-    return assign.to(x.device)
+    return assign
+
+
+def fuse_assignment_ref(x: Tensor, keep: Tensor, token_offsets: Sequence[int], eps: float = 1e-8) -> Tensor:
+    """Each row's output row under token fusion (int64 [N]), with similarities in fp64."""
+    xd = x.detach().to(torch.float64).cpu()
+
+    def most_similar(kept, dropped):
+        xk, xdr = xd[kept], xd[dropped]
+        nk = xk.norm(dim=1).clamp_min(eps)
+        nd = xdr.norm(dim=1).clamp_min(eps)
+        sim = (xdr @ xk.T) / nd[:, None] / nk[None, :]
+        return sim.argmax(dim=1)  # argmax: first (lowest) index on ties
+
+    return _assignment_ref(keep, token_offsets, most_similar).to(x.device)
 
 
 def fuse_tokens_ref(
@@ -123,23 +133,16 @@ def fuse_tokens_ref(
 def nearest_assignment_ref(keep: Tensor, token_offsets: Sequence[int], coords: Tensor) -> Tensor:
     """Each row's output row when every dropped token joins the kept token of its image
     nearest in ``coords`` (squared Euclidean distance in fp64; ties: the lowest index)."""
-    n = keep.shape[0]
-    assign = torch.full((n,), -1, dtype=torch.int64)
     c = coords.detach().to(torch.float64).cpu()
-    kcpu = keep.cpu()
-    out_row = 0
-    for i in range(len(token_offsets) - 1):
-        a, b = int(token_offsets[i]), int(token_offsets[i + 1])
-        rows = torch.arange(a, b)
-        kept, dropped = rows[kcpu[a:b]], rows[~kcpu[a:b]]
-        if kept.numel() == 0:
-            continue
-        assign[kept] = torch.arange(out_row, out_row + kept.numel())
+
+    def nearest(kept, dropped):
+        best = []
         for r in dropped.tolist():
             d = ((c[kept] - c[r]) ** 2).sum(1)
-            assign[r] = out_row + int(torch.nonzero(d == d.min())[0])  # the lowest index among ties
-        out_row += kept.numel()
-    return assign.to(keep.device)
+            best.append(int(torch.nonzero(d == d.min())[0]))  # the lowest index among ties
+        return torch.tensor(best, dtype=torch.int64)
+
+    return _assignment_ref(keep, token_offsets, nearest).to(keep.device)
 
 
 def token_coords_ref(image_grid_thw: Tensor, merge_size: int = 2) -> Tensor:
