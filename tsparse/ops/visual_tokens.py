@@ -96,12 +96,6 @@ _MASK_OPTIONS = ("coords", "patch_size", "merge_size", "margin", "min_coverage",
 
 # --------------------------------------------------------------------------------------
 # Small argument helpers (the C++ side repeats every check that guards memory).
-def _need_tensor(value, op: str, arg: str) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"tsparse.{op}: `{arg}` must be a torch.Tensor, got {type(value).__name__}")
-    return value
-
-
 def _choice(value: str, options: Sequence[str], op: str, arg: str) -> str:
     if value not in options:
         raise ValueError(f"tsparse.{op}: `{arg}` must be one of {list(options)}, got {value!r}")
@@ -145,7 +139,7 @@ def _to_device_owned(t: Tensor, device: torch.device) -> Tensor:
 def _check_grid(image_grid_thw, op: str, merge_size) -> None:
     """Type and shape of ``image_grid_thw`` and ``merge_size`` (the values are checked where they
     are read)."""
-    _need_tensor(image_grid_thw, op, "image_grid_thw")
+    _checks.need_tensor(image_grid_thw, op, "image_grid_thw")
     if image_grid_thw.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"tsparse.{op}: `image_grid_thw` must be int32 or int64, got {image_grid_thw.dtype}")
     if image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3:
@@ -387,9 +381,9 @@ def box_to_patch_mask(
     copied to the host once (one sync).
     """
     op = "box_to_patch_mask"
-    _need_tensor(boxes, op, "boxes")
-    _need_tensor(box_offsets, op, "box_offsets")
-    _need_tensor(image_grid_thw, op, "image_grid_thw")
+    _checks.need_tensor(boxes, op, "boxes")
+    _checks.need_tensor(box_offsets, op, "box_offsets")
+    _checks.need_tensor(image_grid_thw, op, "image_grid_thw")
     _choice(coords, ("normalized", "pixel"), op, "coords")
     _choice(empty, ("keep_all", "drop_all"), op, "empty")
     _choice(invalid_boxes, ("ignore", "raise"), op, "invalid_boxes")
@@ -455,8 +449,8 @@ def gather_tokens(x: Tensor, index: Tensor, *, unique_index: bool = True) -> Ten
     Returns ``[M, D]``, same dtype and device as ``x``. No host sync.
     """
     op = "gather_tokens"
-    _need_tensor(x, op, "x")
-    _need_tensor(index, op, "index")
+    _checks.need_tensor(x, op, "x")
+    _checks.need_tensor(index, op, "index")
     build = bool(
         unique_index
         and x.requires_grad
@@ -484,10 +478,10 @@ def scatter_tokens(
     Differentiable in ``src`` and ``fill``. A duplicate index is an error. No host sync.
     """
     op = "scatter_tokens"
-    _need_tensor(src, op, "src")
-    _need_tensor(index, op, "index")
+    _checks.need_tensor(src, op, "src")
+    _checks.need_tensor(index, op, "index")
     if fill is not None:
-        _need_tensor(fill, op, "fill")
+        _checks.need_tensor(fill, op, "fill")
     if isinstance(num_rows, bool) or not isinstance(num_rows, int):
         raise TypeError(f"tsparse.{op}: `num_rows` must be an int, got {type(num_rows).__name__}")
     if not 0 <= num_rows < 2**63:
@@ -519,14 +513,19 @@ def _int_list(values, op: str, arg: str) -> list[int]:
     return out
 
 
+def _image_kept_counts(keep: Tensor, token_offsets: Sequence[int]) -> Tensor:
+    """int64 ``[num_images]`` on ``keep``'s device: each image's kept tokens (no host sync)."""
+    csum = torch.zeros(keep.shape[0] + 1, dtype=torch.int64, device=keep.device)
+    torch.cumsum(keep.to(torch.int64), 0, out=csum[1:])
+    bounds = torch.tensor(token_offsets, dtype=torch.int64).to(keep.device, non_blocking=True)
+    return csum[bounds[1:]] - csum[bounds[:-1]]
+
+
 def _kept_counts(keep: Tensor, token_offsets: Sequence[int]) -> list[int]:
     """Per-image number of kept tokens, read on the host (ONE device->host copy on a GPU)."""
     if len(token_offsets) <= 1:
         return []
-    csum = torch.zeros(keep.shape[0] + 1, dtype=torch.int64, device=keep.device)
-    torch.cumsum(keep.to(torch.int64), 0, out=csum[1:])
-    bounds = torch.tensor(token_offsets, dtype=torch.int64).to(keep.device, non_blocking=True)
-    return (csum[bounds[1:]] - csum[bounds[:-1]]).tolist()
+    return _image_kept_counts(keep, token_offsets).tolist()
 
 
 def _offsets_list(token_offsets, op: str, n: int) -> list[int]:
@@ -554,8 +553,8 @@ def _check_keep(x: Tensor, keep: Tensor, op: str, x_arg: str = "x") -> None:
 def _check_rows_keep(x, keep, op: str, x_arg: str) -> None:
     """``x`` a floating ``[N, D]`` tensor with data, ``keep`` its bool ``[N]`` mask (the
     composites below index on the host: meta tensors are refused)."""
-    _need_tensor(x, op, x_arg)
-    _need_tensor(keep, op, "keep")
+    _checks.need_tensor(x, op, x_arg)
+    _checks.need_tensor(keep, op, "keep")
     if x.dtype not in _ROW_DTYPES:
         raise TypeError(f"tsparse.{op}: `{x_arg}` must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() != 2:
@@ -580,10 +579,8 @@ def _checked_kept_counts(keep: Tensor, offsets: Sequence[int], kept_counts, op: 
         )
     if keep.shape[0]:
         # The caller's counts size the output: they must be the mask's own.
-        csum = torch.cat([keep.new_zeros(1, dtype=torch.int64), torch.cumsum(keep.to(torch.int64), 0)])
-        bounds = torch.tensor(offsets, dtype=torch.int64).to(keep.device, non_blocking=True)
         want = torch.tensor(counts, dtype=torch.int64).to(keep.device, non_blocking=True)
-        _checks.check_on_device(((csum[bounds[1:]] - csum[bounds[:-1]]) == want).all(), op,
+        _checks.check_on_device((_image_kept_counts(keep, offsets) == want).all(), op,
                                 "`kept_counts` does not match the number of kept tokens of `keep` in each image")
     return counts
 
@@ -628,8 +625,8 @@ def fuse_tokens(
     matmul over the images, in chunks of bounded memory.
     """
     op = "fuse_tokens"
-    _need_tensor(x, op, "x")
-    _need_tensor(keep, op, "keep")
+    _checks.need_tensor(x, op, "x")
+    _checks.need_tensor(keep, op, "keep")
     _check_keep(x, keep, op)
     offsets = _offsets_list(token_offsets, op, x.shape[0])
     if kept_counts is not None:
@@ -641,7 +638,7 @@ def fuse_tokens(
     if coords is None:
         y, assign, _ = _ops.fuse_tokens(x, keep, offsets, counts)
     else:
-        _need_tensor(coords, op, "coords")
+        _checks.need_tensor(coords, op, "coords")
         with _checks.renamed_errors(op, ("fuse_tokens_nearest",), {}):
             y, assign, _ = _ops.fuse_tokens_nearest(x, keep, coords, offsets, counts)
     return y, assign
@@ -665,12 +662,23 @@ def token_coords(
             raise ValueError(f"tsparse.{op}: `device` is {device} but no such CUDA device is usable here")
     (grid,) = _host_metadata(op, image_grid_thw=image_grid_thw)
     _grid_offsets(grid, merge_size, op)  # positive (t, h, w), h and w multiples of merge_size
+    return _token_coords(grid, merge_size, device)
+
+
+def _cells(grid: Tensor, merge_size: int) -> Tensor:
+    """int64 ``[N, 3]``: the ``(t, row, col)`` cell of every merged token of a checked host
+    ``grid`` (Qwen2.5-VL order, images concatenated)."""
     parts = []
     for t, h, w in grid.tolist():
         hh, ww = h // merge_size, w // merge_size
         k = torch.arange(t * hh * ww, dtype=torch.int64)
         parts.append(torch.stack([k // (hh * ww), (k // ww) % hh, k % ww], dim=1))
-    out = torch.cat(parts).to(torch.float64) if parts else torch.zeros(0, 3, dtype=torch.float64)
+    return torch.cat(parts) if parts else torch.zeros(0, 3, dtype=torch.int64)
+
+
+def _token_coords(grid: Tensor, merge_size: int, device) -> Tensor:
+    """:func:`token_coords` of a checked host ``grid``."""
+    out = _cells(grid, merge_size).to(torch.float64)
     return out.to(device, non_blocking=True) if device is not None else out
 
 
@@ -723,6 +731,13 @@ def summary_tokens(
     if offsets[-1] != x.shape[0]:
         raise ValueError(f"tsparse.{op}: `x` has {x.shape[0]} rows but `image_grid_thw` describes {offsets[-1]} tokens")
     counts = _checked_kept_counts(keep, offsets, kept_counts, op)
+    return _summary_tokens(x, keep, grid, offsets, counts, merge_size)
+
+
+def _summary_tokens(x: Tensor, keep: Tensor, grid: Tensor, offsets: list[int], counts: list[int],
+                    merge_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`summary_tokens` on checked arguments (host ``grid``, its token ``offsets`` and
+    ``keep``'s own per-image ``counts``)."""
     sizes = [b - a for a, b in zip(offsets, offsets[1:])]
     n, dev = x.shape[0], x.device
     with_slot = [i for i, (c, m) in enumerate(zip(counts, sizes)) if 0 < c < m]
@@ -733,14 +748,12 @@ def summary_tokens(
         y = gather_tokens(x, idx)
         return y, assign, keep.clone(), torch.zeros(y.shape[0], dtype=torch.bool, device=dev)
     # Doubled, centred integer coordinates: squared distance to the centre without fractions.
-    centred = []
-    for t, h, w in grid.tolist():
-        hh, ww = h // merge_size, w // merge_size
-        k = torch.arange(t * hh * ww, dtype=torch.int64)
-        c = torch.stack([k // (hh * ww), (k // ww) % hh, k % ww], dim=1) * 2
-        centred.append(c - torch.tensor([t - 1, hh - 1, ww - 1], dtype=torch.int64))
-    dist = torch.cat(centred).square().sum(1).to(dev, non_blocking=True)
-    image_of = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int64), torch.tensor(sizes, dtype=torch.int64),
+    sizes_t = torch.tensor(sizes, dtype=torch.int64)
+    centre = torch.tensor([[t - 1, h // merge_size - 1, w // merge_size - 1] for t, h, w in grid.tolist()],
+                          dtype=torch.int64)
+    centred = _cells(grid, merge_size) * 2 - centre.repeat_interleave(sizes_t, dim=0, output_size=n)
+    dist = centred.square().sum(1).to(dev, non_blocking=True)
+    image_of = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int64), sizes_t,
                                        output_size=n).to(dev, non_blocking=True)
     big = torch.iinfo(torch.int64).max
     rows = torch.arange(n, dtype=torch.int64, device=dev)
@@ -819,14 +832,15 @@ def _fuse_visual(image_embeds: Tensor, keep: Tensor, grid: Tensor, token_offsets
     summary = None
     assign = None
     if method == "summary":
-        embeds, assign, keep, summary = summary_tokens(image_embeds, keep, grid, kept_counts=counts,
-                                                       merge_size=merge_size)
+        with nvtx_range("summary_tokens"):  # the public op's range, without its checks (done by the caller)
+            embeds, assign, keep, summary = _summary_tokens(image_embeds, keep, grid, token_offsets, counts,
+                                                            merge_size)
         sizes = [b - a for a, b in zip(token_offsets, token_offsets[1:])]
         counts = [c + (1 if 0 < c < m else 0) for c, m in zip(counts, sizes)]
     elif method == "cosine_mean":
         embeds, assign = fuse_tokens(image_embeds, keep, token_offsets, kept_counts=counts)
     elif method == "nearest_kept":
-        coords = token_coords(grid, merge_size, device=image_embeds.device)
+        coords = _token_coords(grid, merge_size, image_embeds.device)
         embeds, assign = fuse_tokens(image_embeds, keep, token_offsets, kept_counts=counts, coords=coords)
     total = sum(counts)
     kept_index = torch.nonzero_static(keep, size=total).reshape(-1)
@@ -870,9 +884,9 @@ def select_visual_tokens(
     """
     op = "select_visual_tokens"
     method = fusion_method(fuse, "fuse", op)
-    _need_tensor(image_embeds, op, "image_embeds")
-    _need_tensor(image_grid_thw, op, "image_grid_thw")
-    _need_tensor(box_offsets, op, "box_offsets")
+    _checks.need_tensor(image_embeds, op, "image_embeds")
+    _checks.need_tensor(image_grid_thw, op, "image_grid_thw")
+    _checks.need_tensor(box_offsets, op, "box_offsets")
     if image_embeds.dtype not in _ROW_DTYPES:
         raise TypeError(
             f"tsparse.{op}: `image_embeds` must be float32, float16, bfloat16 or float64, got {image_embeds.dtype}"
@@ -889,7 +903,7 @@ def select_visual_tokens(
         raise TypeError(f"tsparse.{op}: `box_offsets` must be int32 or int64, got {box_offsets.dtype}")
     grid, offs = _host_metadata(op, image_grid_thw=image_grid_thw, box_offsets=box_offsets)
     with nvtx_range("select_visual_tokens/mask"):
-        _checks.not_meta(_need_tensor(boxes, op, "boxes"), op, "boxes", "the kept counts that size the output are "
+        _checks.not_meta(_checks.need_tensor(boxes, op, "boxes"), op, "boxes", "the kept counts that size the output are "
                          "read on the host")
         boxes = _to_device_owned(boxes, image_embeds.device)
         keep, kept_counts = box_to_patch_mask(boxes, offs, grid, **mask_options)
