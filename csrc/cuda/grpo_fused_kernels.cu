@@ -307,7 +307,7 @@ __global__ void __launch_bounds__(kScaleThreads) scale_rows_kernel(T* x, int64_t
                                                                    const typename Elem<T>::Acc* scale) {
   using E = Elem<T>;
   using Acc = typename E::Acc;
-  using V = grpo_dev::RowVec<T>;
+  using V = Vec16<T>;
   const Acc s = *scale;
   if (s == Acc(1)) return;  // the usual loss.backward(): the gradient is already final
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -321,7 +321,7 @@ __global__ void __launch_bounds__(kScaleThreads) scale_rows_kernel(T* x, int64_t
       V::unpack(q, e);
 #pragma unroll
       for (int k = 0; k < V::kElems; ++k) e[k] *= s;
-      return grpo_dev::pack_vec<T>(e);
+      return V::pack(e);
     };
     int v = threadIdx.x;
 #pragma unroll 1  // one trip per iteration: its loads stay ahead of its stores

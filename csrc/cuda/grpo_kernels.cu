@@ -43,7 +43,6 @@ using grpo::LseState;
 using grpo::RowGrad;
 using grpo::RowSplit;
 using grpo::RowStats;
-using grpo_dev::RowVec;
 
 constexpr int kWarpRowThreads = 256;   // warp-per-row CTAs: 8 rows each
 constexpr int kWarpRowMaxCols = 4096;  // up to 16 vectors per lane (bf16)

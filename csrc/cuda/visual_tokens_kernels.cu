@@ -14,20 +14,20 @@
 // 32-bit unsigned (`Off` = uint32_t: one IMAD.WIDE.U32 per address) whenever the row and one
 // trip past it fit in 32 bits - always for the ops, whose rows are < 2 GiB (check_rows) -
 // and 64-bit otherwise (the launchers check; profiling/sass_report.py shows the difference).
-// 16-byte values are built and taken apart as uint4 explicitly (V16 below): a store through
-// a union member or a per-element struct compiles to four 32-bit STG.E.
+// 16-byte values are built and taken apart as uint4 explicitly (Vec16, tsparse/vec16.cuh): a
+// store through a union member or a per-element struct compiles to four 32-bit STG.E.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <type_traits>
 
 #include "tsparse/box_math.h"
 #include "tsparse/cuda_common.cuh"
 #include "tsparse/launchers.h"
 #include "tsparse/segment_plan.h"
+#include "tsparse/vec16.cuh"
 
 namespace tsparse {
 namespace cuda {
@@ -190,77 +190,8 @@ compose_copy_kernel(Unit* __restrict__ out, int64_t out_rows, int64_t units,
 
 // ---------------------------------------------------------------------------------
 // Element traits (Elem<T>: load/store with fp32 or fp64 accumulation): tsparse/cuda_common.cuh.
-// V16<T>: 16 bytes of T (one uint4) <-> N accumulators, element by element with the same
-// conversions as Elem<T> (bf16/fp16 -> fp32 exact, fp32 -> bf16/fp16 round to nearest even).
-template <typename To, typename From>
-__device__ __forceinline__ To bits_as(const From& f) {
-  static_assert(sizeof(To) == sizeof(From), "bits_as: sizes differ");
-  To t;
-  memcpy(&t, &f, sizeof(To));
-  return t;
-}
-
-template <typename T> struct V16;
-template <> struct V16<__nv_bfloat16> {
-  static constexpr int N = 8;
-  using A = float;
-  __device__ static void unpack(const uint4& u, float (&a)[N]) {
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      a[2 * i] = __uint_as_float(w[i] << 16);
-      a[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-  }
-  __device__ static uint32_t pair(float lo, float hi) {
-    return bits_as<uint32_t>(__floats2bfloat162_rn(lo, hi));
-  }
-  __device__ static uint4 pack(const float (&a)[N]) {
-    return make_uint4(pair(a[0], a[1]), pair(a[2], a[3]), pair(a[4], a[5]), pair(a[6], a[7]));
-  }
-};
-template <> struct V16<__half> {
-  static constexpr int N = 8;
-  using A = float;
-  __device__ static void unpack(const uint4& u, float (&a)[N]) {
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(bits_as<__half2>(w[i]));
-      a[2 * i] = f.x;
-      a[2 * i + 1] = f.y;
-    }
-  }
-  __device__ static uint32_t pair(float lo, float hi) { return bits_as<uint32_t>(__floats2half2_rn(lo, hi)); }
-  __device__ static uint4 pack(const float (&a)[N]) {
-    return make_uint4(pair(a[0], a[1]), pair(a[2], a[3]), pair(a[4], a[5]), pair(a[6], a[7]));
-  }
-};
-template <> struct V16<float> {
-  static constexpr int N = 4;
-  using A = float;
-  __device__ static void unpack(const uint4& u, float (&a)[N]) {
-    a[0] = __uint_as_float(u.x);
-    a[1] = __uint_as_float(u.y);
-    a[2] = __uint_as_float(u.z);
-    a[3] = __uint_as_float(u.w);
-  }
-  __device__ static uint4 pack(const float (&a)[N]) {
-    return make_uint4(__float_as_uint(a[0]), __float_as_uint(a[1]), __float_as_uint(a[2]), __float_as_uint(a[3]));
-  }
-};
-template <> struct V16<double> {
-  static constexpr int N = 2;
-  using A = double;
-  __device__ static void unpack(const uint4& u, double (&a)[N]) {
-    a[0] = __hiloint2double(int(u.y), int(u.x));
-    a[1] = __hiloint2double(int(u.w), int(u.z));
-  }
-  __device__ static uint4 pack(const double (&a)[N]) {
-    return make_uint4(uint32_t(__double2loint(a[0])), uint32_t(__double2hiint(a[0])),
-                      uint32_t(__double2loint(a[1])), uint32_t(__double2hiint(a[1])));
-  }
-};
+// Vec16<T>: 16 bytes of T (one uint4) <-> kElems accumulators, element by element with the same
+// conversions as Elem<T> (tsparse/vec16.cuh).
 
 // VEC elements of T at p: 16-byte access when VEC * sizeof(T) == 16 (the pointer is 16-byte
 // aligned: the launchers check), one element when VEC == 1.
@@ -269,8 +200,8 @@ __device__ __forceinline__ void load_vec(const T* p, typename Elem<T>::Acc (&a)[
   if constexpr (VEC == 1) {
     a[0] = Elem<T>::load(p[0]);
   } else {
-    static_assert(VEC == V16<T>::N, "VEC * sizeof(T) must be 16");
-    V16<T>::unpack(__ldg(reinterpret_cast<const uint4*>(p)), a);
+    static_assert(VEC == Vec16<T>::kElems, "VEC * sizeof(T) must be 16");
+    Vec16<T>::unpack(__ldg(reinterpret_cast<const uint4*>(p)), a);
   }
 }
 
@@ -279,7 +210,7 @@ __device__ __forceinline__ void store_vec(T* p, const typename Elem<T>::Acc (&a)
   if constexpr (VEC == 1) {
     p[0] = Elem<T>::store(a[0]);
   } else {
-    *reinterpret_cast<uint4*>(p) = V16<T>::pack(a);
+    *reinterpret_cast<uint4*>(p) = Vec16<T>::pack(a);
   }
 }
 
@@ -293,7 +224,7 @@ __device__ __forceinline__ void store_acc(A* p, const A (&a)[N]) {
       A part[per];
 #pragma unroll
       for (int i = 0; i < per; ++i) part[i] = a[j * per + i];
-      reinterpret_cast<uint4*>(p)[j] = V16<A>::pack(part);
+      reinterpret_cast<uint4*>(p)[j] = Vec16<A>::pack(part);
     }
   } else {
 #pragma unroll
@@ -308,7 +239,7 @@ __device__ __forceinline__ void add_acc(A (&a)[N], const A* __restrict__ p) {
 #pragma unroll
     for (int j = 0; j < N / per; ++j) {
       A part[per];
-      V16<A>::unpack(__ldg(reinterpret_cast<const uint4*>(p) + j), part);
+      Vec16<A>::unpack(__ldg(reinterpret_cast<const uint4*>(p) + j), part);
 #pragma unroll
       for (int i = 0; i < per; ++i) a[j * per + i] += part[i];
     }

@@ -23,6 +23,7 @@
 #include "tsparse/cuda_common.cuh"
 #include "tsparse/grpo_layout.h"
 #include "tsparse/grpo_math.h"
+#include "tsparse/vec16.cuh"
 
 namespace tsparse {
 namespace cuda {
@@ -34,68 +35,13 @@ using grpo::RowGrad;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---------------------------------------------------------------------------------------
-// 16-byte vectors of logits: unpack to the accumulator type, pack back, batch maximum.
-template <typename T>
-struct RowVec;
-
-template <>
-struct RowVec<__nv_bfloat16> {
-  using Acc = float;
-  static constexpr int kElems = 8;
-  __device__ static void unpack(const uint4& q, float (&x)[8]) {
-    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      x[2 * i] = __uint_as_float(w[i] << 16);
-      x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-  }
-  __device__ static uint32_t pack2(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-  __device__ static uint32_t max2(uint32_t a, uint32_t b) {
-    const __nv_bfloat162 r =
-        __hmax2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
-  __device__ static float word_max(uint32_t w) {
-    return fmaxf(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
-  }
-};
-
-template <>
-struct RowVec<__half> {
-  using Acc = float;
-  static constexpr int kElems = 8;
-  __device__ static void unpack(const uint4& q, float (&x)[8]) {
-    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-      x[2 * i] = f.x;
-      x[2 * i + 1] = f.y;
-    }
-  }
-  __device__ static uint32_t pack2(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-  __device__ static uint32_t max2(uint32_t a, uint32_t b) {
-    const __half2 r = __hmax2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
-  __device__ static float word_max(uint32_t w) {
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
-    return fmaxf(f.x, f.y);
-  }
-};
-
+// 16-byte vectors of logits: unpacked and packed by Vec16 (tsparse/vec16.cuh); their maximum.
+//
 // Packed 16-bit types: the maximum of N vectors is a tree of bf16x2 / fp16x2 max over their
 // words (NaN-ignoring, like fmaxf), then the larger half.
 template <typename T, int N>
 __device__ __forceinline__ float batch_max16(const uint4 (&q)[N]) {
-  using V = RowVec<T>;
+  using V = Vec16<T>;
   uint32_t w[4 * N];
 #pragma unroll
   for (int k = 0; k < N; ++k) {
@@ -112,55 +58,20 @@ __device__ __forceinline__ float batch_max16(const uint4 (&q)[N]) {
   return V::word_max(w[0]);
 }
 
-template <>
-struct RowVec<float> {
-  using Acc = float;
-  static constexpr int kElems = 4;
-  __device__ static void unpack(const uint4& q, float (&x)[4]) {
-    x[0] = __uint_as_float(q.x);
-    x[1] = __uint_as_float(q.y);
-    x[2] = __uint_as_float(q.z);
-    x[3] = __uint_as_float(q.w);
-  }
-};
-
-template <>
-struct RowVec<double> {
-  using Acc = double;
-  static constexpr int kElems = 2;
-  __device__ static void unpack(const uint4& q, double (&x)[2]) {
-    x[0] = __hiloint2double(static_cast<int>(q.y), static_cast<int>(q.x));
-    x[1] = __hiloint2double(static_cast<int>(q.w), static_cast<int>(q.z));
-  }
-};
-
-template <typename T>
-__device__ __forceinline__ uint4 pack_vec(const typename RowVec<T>::Acc (&g)[RowVec<T>::kElems]) {
-  if constexpr (sizeof(T) == 2) {
-    using V = RowVec<T>;
-    return make_uint4(V::pack2(g[0], g[1]), V::pack2(g[2], g[3]), V::pack2(g[4], g[5]), V::pack2(g[6], g[7]));
-  } else if constexpr (sizeof(T) == 4) {
-    return make_uint4(__float_as_uint(g[0]), __float_as_uint(g[1]), __float_as_uint(g[2]), __float_as_uint(g[3]));
-  } else {
-    return make_uint4(static_cast<unsigned>(__double2loint(g[0])), static_cast<unsigned>(__double2hiint(g[0])),
-                      static_cast<unsigned>(__double2loint(g[1])), static_cast<unsigned>(__double2hiint(g[1])));
-  }
-}
-
 // Maximum RAW logit of N vectors (the scale c > 0 is applied once to it afterwards:
 // fl(max(x) * c) = max(fl(x * c)) since rounding is monotonic).
 template <typename T, int N>
-__device__ __forceinline__ typename RowVec<T>::Acc batch_max(const uint4 (&q)[N]) {
+__device__ __forceinline__ typename Vec16<T>::Acc batch_max(const uint4 (&q)[N]) {
   if constexpr (sizeof(T) == 2) {
     return batch_max16<T, N>(q);
   } else {
-    using Acc = typename RowVec<T>::Acc;
-    constexpr int kE = RowVec<T>::kElems;
+    using Acc = typename Vec16<T>::Acc;
+    constexpr int kE = Vec16<T>::kElems;
     Acc bm = grpo::neg_inf<Acc>();
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       Acc x[kE];
-      RowVec<T>::unpack(q[k], x);
+      Vec16<T>::unpack(q[k], x);
 #pragma unroll
       for (int e = 0; e < kE; ++e) bm = grpo::max_acc(bm, x[e]);
     }
@@ -173,17 +84,17 @@ __device__ __forceinline__ typename RowVec<T>::Acc batch_max(const uint4 (&q)[N]
 // in registers first (8 terms), the N partial sums pairwise, then added to the rescaled state:
 // the serial part of each thread's sum stays short (accuracy: grpo_math.h header).
 template <typename T, bool WITH_ENT, int N>
-__device__ __forceinline__ void add_batch(const uint4 (&q)[N], typename RowVec<T>::Acc c,
-                                          LseState<typename RowVec<T>::Acc>& st) {
-  using Acc = typename RowVec<T>::Acc;
-  constexpr int kE = RowVec<T>::kElems;
+__device__ __forceinline__ void add_batch(const uint4 (&q)[N], typename Vec16<T>::Acc c,
+                                          LseState<typename Vec16<T>::Acc>& st) {
+  using Acc = typename Vec16<T>::Acc;
+  constexpr int kE = Vec16<T>::kElems;
   grpo::lse_raise_max(st, batch_max<T, N>(q) * c);
   const Acc base = grpo::offset_base(st.m);
   Acc as[N], bs[N];
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     Acc x[kE];
-    RowVec<T>::unpack(q[k], x);
+    Vec16<T>::unpack(q[k], x);
 #pragma unroll
     for (int e = 0; e < kE; ++e) {
       const Acc t = grpo::offset2(x[e], c, base);  // one FFMA
@@ -217,8 +128,8 @@ __device__ __forceinline__ void add_batch(const uint4 (&q)[N], typename RowVec<T
 // forward passes a no-op).
 template <typename T, bool WITH_ENT, int kUnroll, typename Store>
 __device__ __forceinline__ void stream_vectors(const uint4* __restrict__ vp, int v, int nvec, int group,
-                                               typename RowVec<T>::Acc c,
-                                               LseState<typename RowVec<T>::Acc>& st, Store&& store) {
+                                               typename Vec16<T>::Acc c,
+                                               LseState<typename Vec16<T>::Acc>& st, Store&& store) {
   for (; v + (kUnroll - 1) * group < nvec; v += kUnroll * group) {
     uint4 q[kUnroll];
 #pragma unroll
@@ -281,21 +192,21 @@ __device__ __forceinline__ LseState<Acc> cta_merge(LseState<Acc> s, LseState<Acc
 // ---------------------------------------------------------------------------------------
 // Backward: d loss / d logits of N vectors, target term excluded (grpo_math.h logit_grad_nt).
 template <typename T, bool WITH_ENT>
-__device__ __forceinline__ uint4 grad_vec(const uint4& q, const RowGrad<typename RowVec<T>::Acc>& g) {
-  using Acc = typename RowVec<T>::Acc;
-  constexpr int kE = RowVec<T>::kElems;
+__device__ __forceinline__ uint4 grad_vec(const uint4& q, const RowGrad<typename Vec16<T>::Acc>& g) {
+  using Acc = typename Vec16<T>::Acc;
+  constexpr int kE = Vec16<T>::kElems;
   Acc x[kE];
-  RowVec<T>::unpack(q, x);
+  Vec16<T>::unpack(q, x);
 #pragma unroll
   for (int e = 0; e < kE; ++e) x[e] = grpo::logit_grad_nt<WITH_ENT>(x[e], g);
-  return pack_vec<T>(x);
+  return Vec16<T>::pack(x);
 }
 
 // This thread's vectors v, v + group, ... (< nvec): read (from `load`), gradient, 16-byte
 // streaming store to `vout`. Full trips of kUnroll vectors, then single vectors.
 template <typename T, bool WITH_ENT, int kUnroll, typename Load>
 __device__ __forceinline__ void grad_vectors(Load&& load, uint4* __restrict__ vout, int v, int nvec, int group,
-                                             const RowGrad<typename RowVec<T>::Acc>& g) {
+                                             const RowGrad<typename Vec16<T>::Acc>& g) {
   for (; v + (kUnroll - 1) * group < nvec; v += kUnroll * group) {
     uint4 q[kUnroll];
 #pragma unroll
