@@ -10,6 +10,7 @@ see: Python scalars, meta tensors, fake kernels).
 * :func:`check_on_device` - a verdict computed on the inputs' device: eager on the CPU, an
   asynchronous device assert on CUDA and under ``torch.compile`` (no host sync, traceable), as
   ``check_on_device`` in ``csrc/common/checks.h``.
+* :func:`values_in_range` - integer values (ids, indices) in ``[0, bound)``, naming the bad one.
 * :func:`renamed_errors` - a composite reports its own op and argument names, not those of
   the row kernels it is built from.
 """
@@ -26,7 +27,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "need_tensor", "number", "fake_same_device", "fake_dims", "not_meta", "check_on_device", "is_meta", "renamed_errors",
+    "need_tensor", "number", "fake_same_device", "fake_dims", "not_meta", "check_on_device", "values_in_range", "is_meta",
+    "renamed_errors",
 ]
 
 
@@ -98,6 +100,23 @@ def check_on_device(ok: Tensor, op: str, what: str, exc: type = ValueError) -> N
             raise exc(f"tsparse.{op}: {what}")
         return
     torch._assert_async(ok, f"tsparse.{op}: {what}")
+
+
+def values_in_range(values: Tensor, bound: int, op: str, arg: str, *, on_device: bool = True) -> None:
+    """Every value of the integer tensor ``values`` lies in ``[0, bound)``: read on the host for a
+    CPU tensor (one pass; ``IndexError`` naming the extreme that is out of range); for a GPU
+    tensor and inside ``torch.compile`` a :func:`check_on_device` assert (``IndexError`` on the
+    CPU) when ``on_device``, else nothing (the kernels check those values themselves)."""
+    if values.numel() == 0 or values.device.type == "meta":
+        return
+    if values.device.type == "cpu" and not torch.compiler.is_compiling():
+        lo, hi = (int(v) for v in torch.aminmax(values))
+        if lo < 0 or hi >= bound:
+            raise IndexError(f"tsparse.{op}: `{arg}` holds {lo if lo < 0 else hi}, out of range [0, {bound})")
+        return
+    if on_device:
+        check_on_device(((values >= 0) & (values < bound)).all(), op, f"`{arg}` values must lie in [0, {bound})",
+                        IndexError)
 
 
 @contextlib.contextmanager

@@ -761,22 +761,6 @@ class _LossPlan:
     want_entropy: bool
 
 
-def _check_value_range(values: Tensor, bound: int, op: str, arg: str) -> None:
-    """Values must lie in [0, bound): checked on the host for CPU tensors (IndexError naming the
-    bad value), on the device without a sync for GPU tensors and inside ``torch.compile``
-    (``torch._assert_async``: traceable, so ``fullgraph=True`` compiles on the CPU too)."""
-    if values.numel() == 0 or values.device.type == "meta":
-        return
-    if values.device.type == "cpu" and not torch.compiler.is_compiling():
-        lo, hi = int(values.min()), int(values.max())
-        if lo < 0 or hi >= bound:
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"tsparse.{op}: `{arg}` holds {bad}, out of range [0, {bound})")
-        return
-    _checks.check_on_device(((values >= 0) & (values < bound)).all(), op,
-                            f"`{arg}` values must lie in [0, {bound})", IndexError)
-
-
 def _stream_weights(stream_weights, op: str, device: torch.device, acc: torch.dtype) -> Tensor:
     if isinstance(stream_weights, Tensor):
         if stream_weights.dim() != 1 or not stream_weights.dtype.is_floating_point:
@@ -875,7 +859,7 @@ def _plan_loss(
         if seq_ids is None:
             raise ValueError(f"tsparse.{op}: loss_agg={loss_agg!r} needs `seq_ids` (the sequence of each token)")
         seq_ids = _check_per_token(seq_ids, t, device, op, "seq_ids", kinds=("int",)).to(torch.int64)
-        _check_value_range(seq_ids, max(t, 1), op, "seq_ids")
+        _checks.values_in_range(seq_ids, max(t, 1), op, "seq_ids")
 
     # Streams.
     weights_t = None
@@ -911,7 +895,7 @@ def _plan_loss(
                 raise IndexError(
                     f"tsparse.{op}: `stream` holds {s - 1}: at most {MAX_STREAMS} streams (ids 0..S-1) are supported"
                 )
-        _check_value_range(sid, s, op, "stream")
+        _checks.values_in_range(sid, s, op, "stream")
     if weights_t is None:
         weights_t = torch.ones(s, dtype=acc, device=device)
 

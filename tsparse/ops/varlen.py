@@ -201,10 +201,8 @@ def _check_indices(indices, op: str, arg: str, device: torch.device, bound: Opti
         raise ValueError(f"tsparse.{op}: `{arg}` must be 1-D, got shape {tuple(indices.shape)}")
     if indices.device != device:
         raise ValueError(f"tsparse.{op}: `{arg}` is on {indices.device} but the values are on {device}")
-    if bound is not None and indices.numel() and indices.device.type == "cpu" and not torch.compiler.is_compiling():
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= bound:
-            raise IndexError(f"tsparse.{op}: `{arg}` holds {lo if lo < 0 else hi}, out of range [0, {bound})")
+    if bound is not None:
+        _checks.values_in_range(indices, bound, op, arg, on_device=False)
     return indices
 
 
