@@ -349,8 +349,7 @@ grpo_token_terms_cpu(const at::Tensor& logp, const at::Tensor& old_logp, const a
     uint8_t* o_flags = flags.data_ptr<uint8_t>();
     at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        const grpo::GrpoToken<scalar_t> o = grpo::grpo_token<scalar_t>(
-            lp[i], old[i], adv[i], ref ? ref[i] : scalar_t(0), isw ? isw[i] : scalar_t(1), p.params);
+        const grpo::GrpoToken<scalar_t> o = grpo::grpo_token_at<scalar_t>(lp[i], old, adv, ref, isw, i, p.params);
         o_pg[i] = o.pg;
         o_kl[i] = o.kl;
         o_ratio[i] = o.ratio;
@@ -420,8 +419,7 @@ void fused_rows_cpu(const GrpoFusedPrep& p, double temperature, FusedOut& o, voi
         const grpo::RowStats<acc_t> rs = grpo::lse_finish(row_state<scalar_t>(x, cols, c));
         lp[r] = grpo::target_logp(static_cast<acc_t>(x[tg[r]]), c, rs);
         if (en) en[r] = rs.entropy;
-        const grpo::GrpoToken<acc_t> tok = grpo::grpo_token<acc_t>(
-            lp[r], old[r], adv[r], ref ? ref[r] : acc_t(0), isw ? isw[r] : acc_t(1), p.params);
+        const grpo::GrpoToken<acc_t> tok = grpo::grpo_token_at<acc_t>(lp[r], old, adv, ref, isw, r, p.params);
         pg[r] = tok.pg;
         kl[r] = tok.kl;
         ratio[r] = tok.ratio;

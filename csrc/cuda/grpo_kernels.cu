@@ -292,9 +292,7 @@ __global__ void __launch_bounds__(kTokenThreads) grpo_token_kernel(GrpoTokenArgs
   Acc* dratio = static_cast<Acc*>(a.dratio);
   for (int64_t i = int64_t(blockIdx.x) * kTokenThreads + threadIdx.x; i < a.n;
        i += int64_t(gridDim.x) * kTokenThreads) {
-    const grpo::GrpoToken<Acc> o =
-        grpo::grpo_token<Acc>(logp[i], old_logp[i], adv[i], ref != nullptr ? ref[i] : Acc(0),
-                              isw != nullptr ? isw[i] : Acc(1), a.params);
+    const grpo::GrpoToken<Acc> o = grpo::grpo_token_at<Acc>(logp[i], old_logp, adv, ref, isw, i, a.params);
     pg[i] = o.pg;
     kl[i] = o.kl;
     ratio[i] = o.ratio;

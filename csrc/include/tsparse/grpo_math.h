@@ -395,6 +395,15 @@ TSPARSE_HD GrpoToken<Acc> grpo_token(Acc logp, Acc old_logp, Acc adv, Acc ref_lo
   return o;
 }
 
+// grpo_token of token i of contiguous per-token arrays whose optional members are null when
+// absent: no reference reads 0 (params.kl is kNone then), no importance weights 1.
+template <typename Acc>
+TSPARSE_HD GrpoToken<Acc> grpo_token_at(Acc logp, const Acc* old_logp, const Acc* adv, const Acc* ref_logp,
+                                        const Acc* is_weights, int64_t i, const GrpoParams& p) {
+  return grpo_token<Acc>(logp, old_logp[i], adv[i], ref_logp != nullptr ? ref_logp[i] : Acc(0),
+                         is_weights != nullptr ? is_weights[i] : Acc(1), p);
+}
+
 // Per-token gradient coefficients of the aggregated GRPO loss with respect to logp_t and to the
 // entropy_t, as autograd chains them through tsparse/ops/grpo.py's two-pass graph:
 // loss = sum_t w_t * (pg_t + kl_coef kl_t - entropy_coef H_t), w_t = 0 for masked tokens
