@@ -211,6 +211,23 @@ void row_grad(const scalar_t* x, scalar_t* o, int64_t cols, int64_t t, const grp
   }
 }
 
+// One row of d loss / d logits from its statistics and upstream gradients (g_logp, g_ent):
+// zeros, without reading x, when both are 0 (e.g. a masked token); else row_grad (the entropy
+// is used only when g_ent != 0).
+template <typename scalar_t>
+void write_row_grad(const scalar_t* x, scalar_t* o, int64_t cols, int64_t t, const grpo::RowStats<acc_of<scalar_t>>& rs,
+                    acc_of<scalar_t> g_logp, acc_of<scalar_t> g_ent, acc_of<scalar_t> c, acc_of<scalar_t> inv_temp) {
+  using acc_t = acc_of<scalar_t>;
+  if (g_logp == acc_t(0) && g_ent == acc_t(0)) {
+    std::memset(static_cast<void*>(o), 0, size_t(cols) * sizeof(scalar_t));
+    return;
+  }
+  const grpo::RowGrad<acc_t> g = grpo::make_row_grad<acc_t>(rs.row_max, rs.log_norm,
+                                                            g_ent != acc_t(0) ? rs.entropy : acc_t(0), g_logp, g_ent,
+                                                            c, inv_temp);
+  row_grad<scalar_t>(x, o, cols, t, g);
+}
+
 // Writes d loss / d logits of rows [0, rows) into `out` (row stride `out_stride` elements);
 // `out` may be the logits' own storage.
 void backward_into(const LogprobsBwdPrep& p, void* out_ptr, int64_t out_stride, double temperature) {
@@ -233,17 +250,9 @@ void backward_into(const LogprobsBwdPrep& p, void* out_ptr, int64_t out_stride, 
     const acc_t c = grpo::row_scale<acc_t>(temperature);
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
-        const acc_t g_logp = gl ? gl[r] : acc_t(0);
-        const acc_t g_ent = ge ? ge[r] : acc_t(0);
-        scalar_t* o = out + r * out_stride;
-        if (g_logp == acc_t(0) && g_ent == acc_t(0)) {
-          std::memset(static_cast<void*>(o), 0, size_t(cols) * sizeof(scalar_t));
-          continue;
-        }
-        const grpo::RowGrad<acc_t> g = grpo::make_row_grad<acc_t>(
-            rmax[r], lnorm[r], g_ent != acc_t(0) ? ent[r] : acc_t(0), g_logp, g_ent, c, inv_temp);
-        const scalar_t* x = in + r * in_stride;
-        row_grad<scalar_t>(x, o, cols, tg[r], g);
+        const grpo::RowStats<acc_t> rs{rmax[r], lnorm[r], ent != nullptr ? ent[r] : acc_t(0)};
+        write_row_grad<scalar_t>(in + r * in_stride, out + r * out_stride, cols, tg[r], rs, gl ? gl[r] : acc_t(0),
+                                 ge ? ge[r] : acc_t(0), c, inv_temp);
       }
     });
   });
@@ -426,14 +435,7 @@ void fused_rows_cpu(const GrpoFusedPrep& p, double temperature, FusedOut& o, voi
         flags[r] = tok.flags;
         if (gbase == nullptr) continue;
         const grpo::TokenGrads<acc_t> g = grpo::grpo_token_grads<acc_t>(tok, w[r], p.use_kl, kl_coef, ent_coef);
-        scalar_t* out = gbase + r * grad_stride;
-        if (g.g_logp == acc_t(0) && g.g_ent == acc_t(0)) {
-          std::memset(static_cast<void*>(out), 0, size_t(cols) * sizeof(scalar_t));
-          continue;
-        }
-        const grpo::RowGrad<acc_t> rg = grpo::make_row_grad<acc_t>(
-            rs.row_max, rs.log_norm, g.g_ent != acc_t(0) ? rs.entropy : acc_t(0), g.g_logp, g.g_ent, c, inv_temp);
-        row_grad<scalar_t>(x, out, cols, tg[r], rg);
+        write_row_grad<scalar_t>(x, gbase + r * grad_stride, cols, tg[r], rs, g.g_logp, g.g_ent, c, inv_temp);
       }
     });
   });
