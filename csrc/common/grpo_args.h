@@ -283,6 +283,25 @@ inline void unalias_fused_from_logits(GrpoFusedPrep& p, const at::Tensor& logits
   }
 }
 
+// The per-token outputs of grpo_loss_fused / grpo_loss_fused_ ([T] of the accumulator type, flags
+// uint8; entropy [0] unless computed), allocated alike by both backends.
+struct GrpoFusedOut {
+  at::Tensor logp, entropy, pg, kl, ratio, flags;
+};
+
+inline GrpoFusedOut alloc_fused_outputs(const GrpoFusedPrep& p) {
+  const int64_t n = p.logits.size(0);
+  const auto opts = p.logits.options().dtype(logprobs_acc_type(p.logits.scalar_type()));
+  GrpoFusedOut o;
+  o.logp = at::empty({n}, opts);
+  o.entropy = at::empty({p.with_entropy ? n : 0}, opts);
+  o.pg = at::empty({n}, opts);
+  o.kl = at::empty({n}, opts);
+  o.ratio = at::empty({n}, opts);
+  o.flags = at::empty({n}, opts.dtype(at::kByte));
+  return o;
+}
+
 // A [rows, cols] gradient buffer whose rows start at the same offset from a 16-byte boundary
 // as the logits' rows (so a kernel can move both with the same 16-byte vectors): contiguous
 // when the logits' rows are (the usual case), else the smallest row stride >= cols that is
@@ -298,6 +317,11 @@ inline at::Tensor alloc_grad_like_rows(const at::Tensor& rows) {
   if (stride == v && phase == 0) return at::empty({t, v}, rows.options());
   at::Tensor buf = at::empty({t * stride + per_vec}, rows.options());  // storage is 16-byte aligned
   return buf.as_strided({t, v}, {stride, 1}, phase);
+}
+
+// grpo_loss_fused's gradient output: alloc_grad_like_rows, or [0, cols] when none is wanted.
+inline at::Tensor alloc_fused_grad(const at::Tensor& rows, bool with_grad) {
+  return with_grad ? alloc_grad_like_rows(rows) : at::empty({0, rows.size(1)}, rows.options());
 }
 
 }  // namespace tsparse

@@ -379,24 +379,7 @@ grpo_token_terms_cpu(const at::Tensor& logp, const at::Tensor& old_logp, const a
 // grpo_token_terms and logprobs_backward, so its results equal the two-pass path's bit for bit.
 namespace {
 
-struct FusedOut {
-  at::Tensor logp, entropy, pg, kl, ratio, flags;
-};
-
-FusedOut fused_outputs(const GrpoFusedPrep& p) {
-  const int64_t n = p.logits.size(0);
-  const auto opts = p.logits.options().dtype(logprobs_acc_type(p.logits.scalar_type()));
-  FusedOut o;
-  o.logp = at::empty({n}, opts);
-  o.entropy = at::empty({p.with_entropy ? n : 0}, opts);
-  o.pg = at::empty({n}, opts);
-  o.kl = at::empty({n}, opts);
-  o.ratio = at::empty({n}, opts);
-  o.flags = at::empty({n}, opts.dtype(at::kByte));
-  return o;
-}
-
-void fused_rows_cpu(const GrpoFusedPrep& p, double temperature, FusedOut& o, void* grad_ptr, int64_t grad_stride) {
+void fused_rows_cpu(const GrpoFusedPrep& p, double temperature, GrpoFusedOut& o, void* grad_ptr, int64_t grad_stride) {
   const at::Tensor& logits = p.logits;
   const int64_t rows = logits.size(0);
   const int64_t cols = logits.size(1);
@@ -454,8 +437,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                           temperature, clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges,
                                           kl_coef, entropy_coef, with_entropy, op);
   check_targets_in_range(p.targets, p.logits.size(1), op);
-  FusedOut o = fused_outputs(p);
-  at::Tensor grad = with_grad ? alloc_grad_like_rows(p.logits) : at::empty({0, p.logits.size(1)}, p.logits.options());
+  GrpoFusedOut o = alloc_fused_outputs(p);
+  at::Tensor grad = alloc_fused_grad(p.logits, with_grad);
   fused_rows_cpu(p, temperature, o, with_grad ? grad.data_ptr() : nullptr, with_grad ? row_stride(grad) : 0);
   return {o.logp, o.entropy, o.pg, o.kl, o.ratio, o.flags, grad};
 }
@@ -473,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                     entropy_coef, with_entropy, op);
   unalias_fused_from_logits(p, logits);
   check_targets_in_range(p.targets, p.logits.size(1), op);
-  FusedOut o = fused_outputs(p);
+  GrpoFusedOut o = alloc_fused_outputs(p);
   fused_rows_cpu(p, temperature, o, logits.data_ptr(), row_stride(logits));
   return {o.logp, o.entropy, o.pg, o.kl, o.ratio, o.flags};
 }

@@ -147,23 +147,6 @@ grpo_token_terms_cuda(const at::Tensor& logp, const at::Tensor& old_logp, const 
 // two-pass kernels (grpo_launchers.h). Nothing here waits for the GPU.
 namespace {
 
-struct FusedOutCuda {
-  at::Tensor logp, entropy, pg, kl, ratio, flags;
-};
-
-FusedOutCuda fused_outputs_cuda(const GrpoFusedPrep& p) {
-  const int64_t n = p.logits.size(0);
-  const auto opts = p.logits.options().dtype(logprobs_acc_type(p.logits.scalar_type()));
-  FusedOutCuda o;
-  o.logp = at::empty({n}, opts);
-  o.entropy = at::empty({p.with_entropy ? n : 0}, opts);
-  o.pg = at::empty({n}, opts);
-  o.kl = at::empty({n}, opts);
-  o.ratio = at::empty({n}, opts);
-  o.flags = at::empty({n}, opts.dtype(at::kByte));
-  return o;
-}
-
 // Whether the single-read kernel can write `grad` rows: same 16-byte phase as the logits' rows.
 bool same_row_phase(const at::Tensor& logits, void* grad, int64_t grad_stride) {
   const int64_t e = logits.element_size();
@@ -171,7 +154,7 @@ bool same_row_phase(const at::Tensor& logits, void* grad, int64_t grad_stride) {
   return base && ((row_stride(logits) - grad_stride) * e) % 16 == 0;
 }
 
-void run_fused_cuda(const GrpoFusedPrep& p, double temperature, FusedOutCuda& o, void* grad, int64_t grad_stride,
+void run_fused_cuda(const GrpoFusedPrep& p, double temperature, GrpoFusedOut& o, void* grad, int64_t grad_stride,
                     bool single_read) {
   const int64_t rows = p.logits.size(0);
   if (rows == 0) return;
@@ -235,8 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const GrpoFusedPrep p = prep_grpo_fused(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight,
                                           temperature, clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges,
                                           kl_coef, entropy_coef, with_entropy, op);
-  FusedOutCuda o = fused_outputs_cuda(p);
-  at::Tensor grad = with_grad ? alloc_grad_like_rows(p.logits) : at::empty({0, p.logits.size(1)}, p.logits.options());
+  GrpoFusedOut o = alloc_fused_outputs(p);
+  at::Tensor grad = alloc_fused_grad(p.logits, with_grad);
   run_fused_cuda(p, temperature, o, with_grad ? grad.data_ptr() : nullptr, with_grad ? row_stride(grad) : 0,
                  single_read);
   return {o.logp, o.entropy, o.pg, o.kl, o.ratio, o.flags, grad};
@@ -256,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                     temperature, clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges, kl_coef,
                                     entropy_coef, with_entropy, op);
   unalias_fused_from_logits(p, logits);
-  FusedOutCuda o = fused_outputs_cuda(p);
+  GrpoFusedOut o = alloc_fused_outputs(p);
   run_fused_cuda(p, temperature, o, logits.data_ptr(), row_stride(logits), single_read);
   return {o.logp, o.entropy, o.pg, o.kl, o.ratio, o.flags};
 }
