@@ -303,12 +303,14 @@ at::Tensor row_inv_norms_cpu(const at::Tensor& x_in, double eps) {
 }
 
 namespace {
+// The CPU row kernels the token-fusion composite (csrc/common/fuse_tokens.cpp) runs on.
+const RowKernels kCpuRowKernels{&compose_rows_cpu, &segment_reduce_rows_cpu, &row_inv_norms_cpu};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_cpu(const at::Tensor& x,
                                                                const at::Tensor& keep,
                                                                at::IntArrayRef token_offsets,
                                                                at::IntArrayRef kept_counts) {
-  static const RowKernels kernels{&compose_rows_cpu, &segment_reduce_rows_cpu, &row_inv_norms_cpu};
-  return fuse_tokens_impl(x, keep, c10::nullopt, token_offsets, kept_counts, kernels);
+  return fuse_tokens_impl(x, keep, c10::nullopt, token_offsets, kept_counts, kCpuRowKernels);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_nearest_cpu(const at::Tensor& x,
@@ -316,8 +318,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_nearest_cpu(const at:
                                                                        const at::Tensor& coords,
                                                                        at::IntArrayRef token_offsets,
                                                                        at::IntArrayRef kept_counts) {
-  static const RowKernels kernels{&compose_rows_cpu, &segment_reduce_rows_cpu, &row_inv_norms_cpu};
-  return fuse_tokens_impl(x, keep, coords, token_offsets, kept_counts, kernels);
+  return fuse_tokens_impl(x, keep, coords, token_offsets, kept_counts, kCpuRowKernels);
 }
 }  // namespace
 

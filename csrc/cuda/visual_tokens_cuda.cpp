@@ -220,15 +220,25 @@ at::Tensor row_inv_norms_cuda(const at::Tensor& x_in, double eps) {
 }
 
 namespace {
+// The CUDA row kernels the token-fusion composite (csrc/common/fuse_tokens.cpp) runs on.
+const RowKernels kCudaRowKernels{&compose_rows_cuda, &segment_reduce_rows_cuda, &row_inv_norms_cuda};
+
+// The composite on the CUDA device of `x`; `coords` chooses the winner rule (fuse_tokens: none,
+// fuse_tokens_nearest: given).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_on_cuda(const at::Tensor& x, const at::Tensor& keep,
+                                                                   const c10::optional<at::Tensor>& coords,
+                                                                   at::IntArrayRef token_offsets,
+                                                                   at::IntArrayRef kept_counts, const char* op) {
+  check_cuda(x, op, "x");
+  c10::cuda::CUDAGuard guard(x.device());
+  return fuse_tokens_impl(x, keep, coords, token_offsets, kept_counts, kCudaRowKernels);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_cuda(const at::Tensor& x,
                                                                 const at::Tensor& keep,
                                                                 at::IntArrayRef token_offsets,
                                                                 at::IntArrayRef kept_counts) {
-  check_cuda(x, "fuse_tokens", "x");
-  c10::cuda::CUDAGuard guard(x.device());
-  static const RowKernels kernels{&compose_rows_cuda, &segment_reduce_rows_cuda,
-                                  &row_inv_norms_cuda};
-  return fuse_tokens_impl(x, keep, c10::nullopt, token_offsets, kept_counts, kernels);
+  return fuse_tokens_on_cuda(x, keep, c10::nullopt, token_offsets, kept_counts, "fuse_tokens");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_nearest_cuda(const at::Tensor& x,
@@ -236,11 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_nearest_cuda(const at
                                                                         const at::Tensor& coords,
                                                                         at::IntArrayRef token_offsets,
                                                                         at::IntArrayRef kept_counts) {
-  check_cuda(x, "fuse_tokens_nearest", "x");
-  c10::cuda::CUDAGuard guard(x.device());
-  static const RowKernels kernels{&compose_rows_cuda, &segment_reduce_rows_cuda,
-                                  &row_inv_norms_cuda};
-  return fuse_tokens_impl(x, keep, coords, token_offsets, kept_counts, kernels);
+  return fuse_tokens_on_cuda(x, keep, coords, token_offsets, kept_counts, "fuse_tokens_nearest");
 }
 }  // namespace
 
