@@ -49,6 +49,7 @@ using grpo::LseState;
 using grpo::RowGrad;
 using grpo::RowSplit;
 using grpo::RowStats;
+using grpo_dev::kTokenThreads;
 
 constexpr int kUnroll = 4;               // 16-byte vectors in flight per thread in the read phase
 // CTAs per SM the cluster kernel is compiled for: 512 threads, 16-bit logits: 3 (<= 40 registers;
@@ -62,8 +63,6 @@ constexpr int cluster_min_blocks() {
   return THREADS == grpo::kClusterThreads ? (sizeof(T) == 2 ? kClusterMinBlocks : 2)
                                           : (sizeof(T) == 2 ? kClusterSmallMinBlocks : 8);
 }
-constexpr int kTokenThreads = 256;
-constexpr int kTokenBlocksPerSm = 8;
 constexpr int kScaleThreads = 256;
 constexpr int kScaleBlocksPerSm = 8;
 
@@ -334,16 +333,6 @@ __global__ void __launch_bounds__(kScaleThreads) scale_rows_kernel(T* x, int64_t
   }
 }
 
-template <typename F>
-void dispatch_logits(DType d, F&& f) {
-  switch (d) {
-    case DType::kFloat16: f(static_cast<__half*>(nullptr)); break;
-    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    case DType::kFloat64: f(static_cast<double*>(nullptr)); break;
-    default: f(static_cast<float*>(nullptr)); break;
-  }
-}
-
 int elem_size(DType d) {
   switch (d) {
     case DType::kFloat16:
@@ -437,7 +426,7 @@ bool grpo_loss_single_read_supported(int64_t rows, int64_t cols, DType dtype) {
     if (it != cache.end()) return it->second;
   }
   int active = 0;
-  dispatch_logits(dtype, [&](auto* tag) {
+  dispatch_float_type(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     if constexpr (sizeof(T) == 2 || sizeof(T) == 4) {
       active = plan.threads == grpo::kClusterThreads ? max_active_clusters<T, grpo::kClusterThreads>(plan)
@@ -453,7 +442,7 @@ cudaError_t grpo_loss_single_read(const GrpoFusedArgs& a, cudaStream_t stream) {
   if (a.rows <= 0 || a.cols <= 0) return cudaSuccess;
   const grpo::ClusterPlan plan = grpo::plan_cluster(a.cols, elem_size(a.dtype));
   cudaError_t err = cudaErrorInvalidValue;
-  dispatch_logits(a.dtype, [&](auto* tag) {
+  dispatch_float_type(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     if constexpr (sizeof(T) == 2 || sizeof(T) == 4) {
       using Acc = typename Elem<T>::Acc;
@@ -512,13 +501,11 @@ void grpo_loss_two_pass(const GrpoFusedArgs& a, const GrpoTwoPassTemps& tmp, cud
   f.log_norm = tmp.log_norm;
   f.entropy = a.entropy;
   logprobs_forward(f, stream);
-  int64_t blocks = (a.rows + kTokenThreads - 1) / kTokenThreads;
-  const int64_t cap = int64_t(num_sms()) * kTokenBlocksPerSm;
-  if (blocks > cap) blocks = cap;
+  const unsigned blocks = grpo_dev::token_blocks(a.rows);
   if (a.dtype == DType::kFloat64) {
-    grpo_token_grads_kernel<double><<<static_cast<unsigned>(blocks), kTokenThreads, 0, stream>>>(a, tmp);
+    grpo_token_grads_kernel<double><<<blocks, kTokenThreads, 0, stream>>>(a, tmp);
   } else {
-    grpo_token_grads_kernel<float><<<static_cast<unsigned>(blocks), kTokenThreads, 0, stream>>>(a, tmp);
+    grpo_token_grads_kernel<float><<<blocks, kTokenThreads, 0, stream>>>(a, tmp);
   }
   if (a.grad == nullptr) return;
   LogprobsBwdArgs b;
@@ -542,13 +529,11 @@ void grpo_loss_two_pass(const GrpoFusedArgs& a, const GrpoTwoPassTemps& tmp, cud
 void scale_rows_by_device_scalar(void* x, int64_t rows, int64_t cols, int64_t stride, DType dtype,
                                  const void* scale, cudaStream_t stream) {
   if (rows <= 0 || cols <= 0) return;
-  int64_t blocks = rows;
-  const int64_t cap = int64_t(num_sms()) * kScaleBlocksPerSm;
-  if (blocks > cap) blocks = cap;
-  dispatch_logits(dtype, [&](auto* tag) {
+  const unsigned blocks = grid_stride_blocks(rows, 1, kScaleBlocksPerSm);  // one row per CTA and trip
+  dispatch_float_type(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using Acc = typename Elem<T>::Acc;
-    scale_rows_kernel<T><<<static_cast<unsigned>(blocks), kScaleThreads, 0, stream>>>(
+    scale_rows_kernel<T><<<blocks, kScaleThreads, 0, stream>>>(
         static_cast<T*>(x), rows, static_cast<int>(cols), stride, static_cast<const Acc*>(scale));
   });
 }

@@ -43,6 +43,7 @@ using grpo::LseState;
 using grpo::RowGrad;
 using grpo::RowSplit;
 using grpo::RowStats;
+using grpo_dev::kTokenThreads;
 
 constexpr int kWarpRowThreads = 256;   // warp-per-row CTAs: 8 rows each
 constexpr int kWarpRowMaxCols = 4096;  // up to 16 vectors per lane (bf16)
@@ -56,8 +57,6 @@ constexpr int kUnroll = 4;
 constexpr int kWideMinBlocks = 3;
 // ... and the 128-thread (mid-width) row kernels (registers <= 40).
 constexpr int kMidMinBlocks = 12;
-constexpr int kTokenThreads = 256;
-constexpr int kTokenBlocksPerSm = 8;
 
 // The occupancy the row kernels are compiled for (their register budget); fp64 logits (tests
 // only) get the registers they need rather than spilling inside their loops.
@@ -367,21 +366,11 @@ void launch_backward(const LogprobsBwdArgs& a, cudaStream_t stream) {
   }
 }
 
-template <typename F>
-void dispatch_logits(DType d, F&& f) {
-  switch (d) {
-    case DType::kFloat16: f(static_cast<__half*>(nullptr)); break;
-    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    case DType::kFloat64: f(static_cast<double*>(nullptr)); break;
-    default: f(static_cast<float*>(nullptr)); break;
-  }
-}
-
 }  // namespace
 
 void logprobs_forward(const LogprobsFwdArgs& a, cudaStream_t stream) {
   if (a.rows <= 0 || a.cols <= 0) return;
-  dispatch_logits(a.dtype, [&](auto* tag) {
+  dispatch_float_type(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     launch_forward<T>(a, stream);
   });
@@ -389,7 +378,7 @@ void logprobs_forward(const LogprobsFwdArgs& a, cudaStream_t stream) {
 
 void logprobs_backward(const LogprobsBwdArgs& a, cudaStream_t stream) {
   if (a.rows <= 0 || a.cols <= 0) return;
-  dispatch_logits(a.dtype, [&](auto* tag) {
+  dispatch_float_type(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     launch_backward<T>(a, stream);
   });
@@ -397,13 +386,11 @@ void logprobs_backward(const LogprobsBwdArgs& a, cudaStream_t stream) {
 
 void grpo_token_terms(const GrpoTokenArgs& a, cudaStream_t stream) {
   if (a.n <= 0) return;
-  int64_t blocks = (a.n + kTokenThreads - 1) / kTokenThreads;
-  const int64_t cap = int64_t(num_sms()) * kTokenBlocksPerSm;
-  if (blocks > cap) blocks = cap;
+  const unsigned blocks = grpo_dev::token_blocks(a.n);
   if (a.fp64) {
-    grpo_token_kernel<double><<<static_cast<unsigned>(blocks), kTokenThreads, 0, stream>>>(a);
+    grpo_token_kernel<double><<<blocks, kTokenThreads, 0, stream>>>(a);
   } else {
-    grpo_token_kernel<float><<<static_cast<unsigned>(blocks), kTokenThreads, 0, stream>>>(a);
+    grpo_token_kernel<float><<<blocks, kTokenThreads, 0, stream>>>(a);
   }
 }
 

@@ -49,12 +49,7 @@ int lanes_log2_for(int64_t units_per_row) {
 }
 
 unsigned grid_for(int64_t rows, int lanes_log2) {
-  const int64_t groups_per_block = kThreads >> lanes_log2;
-  int64_t blocks = (rows + groups_per_block - 1) / groups_per_block;
-  const int64_t cap = int64_t(num_sms()) * kBlocksPerSm;
-  if (blocks > cap) blocks = cap;
-  if (blocks < 1) blocks = 1;
-  return static_cast<unsigned>(blocks);
+  return grid_stride_blocks(rows, kThreads >> lanes_log2, kBlocksPerSm);  // a row per group of lanes
 }
 
 // In-row offsets of `units` units (plus one step of any row loop past the end: a trip of up to
@@ -702,17 +697,6 @@ void dispatch_compose_copy(const ComposeRowsArgs& a, int64_t esize, cudaStream_t
   return launch_compose_copy<uint8_t, IndexT>(a, esize, stream);
 }
 
-// Calls f.template operator()<T>() for the element type of `d`.
-template <typename F>
-void dispatch_dtype(DType d, F&& f) {
-  switch (d) {
-    case DType::kFloat16: f(static_cast<__half*>(nullptr)); break;
-    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    case DType::kFloat64: f(static_cast<double*>(nullptr)); break;
-    default: f(static_cast<float*>(nullptr)); break;
-  }
-}
-
 template <typename T>
 bool vec16_ok(int64_t cols, int64_t stride, const void* a, const void* b) {
   constexpr int64_t V = 16 / sizeof(T);
@@ -744,7 +728,7 @@ void compose_rows(const ComposeRowsArgs& a, cudaStream_t stream) {
     }
     return;
   }
-  dispatch_dtype(a.dtype, [&](auto* tag) {
+  dispatch_float_type(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     auto go = [&](auto vec_tag, auto* idx_tag, auto off_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
@@ -780,14 +764,12 @@ void build_inverse(const void* index, bool index_is_int64, int64_t m_rows, int32
     cudaMemsetAsync(inverse, 0xff, size_t(n_rows) * sizeof(int32_t), stream);
   }
   if (m_rows <= 0) return;
-  int64_t blocks = (m_rows + kThreads - 1) / kThreads;
-  const int64_t cap = int64_t(num_sms()) * kBlocksPerSm;
-  if (blocks > cap) blocks = cap;
+  const unsigned blocks = grid_stride_blocks(m_rows, kThreads, kBlocksPerSm);
   if (index_is_int64) {
-    build_inverse_kernel<int64_t><<<unsigned(blocks), kThreads, 0, stream>>>(
+    build_inverse_kernel<int64_t><<<blocks, kThreads, 0, stream>>>(
         static_cast<const int64_t*>(index), m_rows, inverse, n_rows, op);
   } else {
-    build_inverse_kernel<int32_t><<<unsigned(blocks), kThreads, 0, stream>>>(
+    build_inverse_kernel<int32_t><<<blocks, kThreads, 0, stream>>>(
         static_cast<const int32_t*>(index), m_rows, inverse, n_rows, op);
   }
 }
@@ -799,7 +781,7 @@ int64_t segment_reduce_workspace_bytes(int64_t perm_len, int64_t cols, DType dty
 
 void segment_reduce_rows(const SegmentReduceArgs& a, cudaStream_t stream) {
   if (a.out_rows <= 0 || a.cols <= 0) return;
-  dispatch_dtype(a.dtype, [&](auto* tag) {
+  dispatch_float_type(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using A = typename Elem<T>::Acc;
     auto go = [&](auto vec_tag, auto off_tag) {
@@ -808,10 +790,7 @@ void segment_reduce_rows(const SegmentReduceArgs& a, cudaStream_t stream) {
       A* ws = static_cast<A*>(a.workspace);
       const int64_t chunks = segment_chunks(a.perm_len);
       if (segment_workspace_rows(a.perm_len) > 0) {  // some segment may be long enough to split
-        int64_t blocks = chunks;
-        const int64_t cap = int64_t(num_sms()) * kBlocksPerSm;
-        if (blocks > cap) blocks = cap;
-        segment_pieces_kernel<T, VEC, Off><<<unsigned(blocks), kThreads, 0, stream>>>(
+        segment_pieces_kernel<T, VEC, Off><<<grid_stride_blocks(chunks, 1, kBlocksPerSm), kThreads, 0, stream>>>(
             ws, a.cols, static_cast<const T*>(a.src), a.src_rows, a.src_stride, a.perm, a.perm_len,
             a.offsets, a.out_rows);
       }
@@ -834,7 +813,7 @@ void segment_reduce_rows(const SegmentReduceArgs& a, cudaStream_t stream) {
 void row_inv_norms(const void* x, int64_t rows, int64_t cols, int64_t stride, DType dtype,
                    double eps, float* out, cudaStream_t stream) {
   if (rows <= 0) return;
-  dispatch_dtype(dtype, [&](auto* tag) {
+  dispatch_float_type(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const unsigned grid = grid_for(rows, 5);
     if (vec16_ok<T>(cols, stride, x, nullptr)) {

@@ -1,5 +1,6 @@
-// Device-side helpers shared by tsparse's .cu files (no torch headers): the SM count for
-// grid sizing and the element traits (fp32 accumulation for 16/32-bit floats, fp64 for fp64).
+// Device-side helpers shared by tsparse's .cu files (no torch headers): the SM count and the
+// grid of a grid-stride loop, the launchers' dtype dispatch, and the element traits (fp32
+// accumulation for 16/32-bit floats, fp64 for fp64).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,6 +9,9 @@
 
 #include <atomic>
 #include <cassert>  // __assert_fail, declared for device code by CUDA's crt headers
+#include <cstdint>
+
+#include "tsparse/launchers.h"  // DType
 
 namespace tsparse {
 namespace cuda {
@@ -29,6 +33,28 @@ inline int num_sms() {
   }
   if (dev >= 0 && dev < 64) cache[dev].store(sms, std::memory_order_relaxed);
   return sms;
+}
+
+// Blocks of a grid-stride loop over `work` items, `per_block` items per block: enough to cover
+// every item, at most `per_sm` blocks per SM (more only add scheduling), at least one.
+inline unsigned grid_stride_blocks(int64_t work, int64_t per_block, int per_sm) {
+  int64_t blocks = (work + per_block - 1) / per_block;
+  const int64_t cap = int64_t(num_sms()) * per_sm;
+  if (blocks > cap) blocks = cap;
+  if (blocks < 1) blocks = 1;
+  return static_cast<unsigned>(blocks);
+}
+
+// Calls f(static_cast<T*>(nullptr)) with T the element type of `d` (__half, __nv_bfloat16,
+// double, else float): a launcher's one switch from the runtime dtype to its kernel template.
+template <typename F>
+void dispatch_float_type(DType d, F&& f) {
+  switch (d) {
+    case DType::kFloat16: f(static_cast<__half*>(nullptr)); break;
+    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+    case DType::kFloat64: f(static_cast<double*>(nullptr)); break;
+    default: f(static_cast<float*>(nullptr)); break;
+  }
 }
 
 #if defined(__CUDACC__)

@@ -34,6 +34,13 @@ using grpo::RowGrad;
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// The per-token kernels (one thread per token, a grid-stride loop): block size and grid.
+constexpr int kTokenThreads = 256;
+constexpr int kTokenBlocksPerSm = 8;
+inline unsigned token_blocks(int64_t tokens) {
+  return grid_stride_blocks(tokens, kTokenThreads, kTokenBlocksPerSm);
+}
+
 // ---------------------------------------------------------------------------------------
 // 16-byte vectors of logits: unpacked and packed by Vec16 (tsparse/vec16.cuh); their maximum.
 //
