@@ -50,6 +50,7 @@ using grpo::RowGrad;
 using grpo::RowSplit;
 using grpo::RowStats;
 using grpo_dev::kTokenThreads;
+using grpo_dev::split_row;
 
 constexpr int kUnroll = 4;               // 16-byte vectors in flight per thread in the read phase
 // CTAs per SM the cluster kernel is compiled for: 512 threads, 16-bit logits: 3 (<= 40 registers;
@@ -180,7 +181,7 @@ __global__ void __launch_bounds__(THREADS, cluster_min_blocks<T, THREADS>())
   const int64_t r = blockIdx.x / ctas;  // clusters are consecutive CTAs along x
   const T* in = p.logits + r * p.lstride;
   T* out = p.grad + r * p.gstride;
-  const RowSplit s = grpo::split_row(static_cast<int>(reinterpret_cast<uintptr_t>(in) & 15), p.cols, kElem);
+  const RowSplit s = split_row<T>(in, p.cols);
   const grpo::Slice sl = grpo::cluster_slice(s.nvec, p.slice_vecs, rank);
   const int nlocal = sl.end - sl.begin;
 
@@ -309,7 +310,7 @@ __global__ void __launch_bounds__(kScaleThreads) scale_rows_kernel(T* x, int64_t
   if (s == Acc(1)) return;  // the usual loss.backward(): the gradient is already final
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     T* row = x + r * stride;
-    const RowSplit sp = grpo::split_row(static_cast<int>(reinterpret_cast<uintptr_t>(row) & 15), cols, int(sizeof(T)));
+    const RowSplit sp = split_row<T>(row, cols);
     if (int(threadIdx.x) < sp.head) row[threadIdx.x] = E::store(E::load(row[threadIdx.x]) * s);
     if (int(threadIdx.x) < sp.ntail) row[sp.tail0 + threadIdx.x] = E::store(E::load(row[sp.tail0 + threadIdx.x]) * s);
     uint4* vp = reinterpret_cast<uint4*>(row + sp.head);

@@ -44,6 +44,7 @@ using grpo::RowGrad;
 using grpo::RowSplit;
 using grpo::RowStats;
 using grpo_dev::kTokenThreads;
+using grpo_dev::split_row;
 
 constexpr int kWarpRowThreads = 256;   // warp-per-row CTAs: 8 rows each
 constexpr int kWarpRowMaxCols = 4096;  // up to 16 vectors per lane (bf16)
@@ -67,12 +68,6 @@ constexpr int min_blocks() {
 
 // ---------------------------------------------------------------------------------------
 // Elem<T> (load/store with fp32 or fp64 accumulation): tsparse/cuda_common.cuh.
-
-template <typename T>
-__device__ __forceinline__ RowSplit split_row(const void* row, int cols) {
-  // The row is element-aligned (host check), so the misalignment is a multiple of sizeof(T).
-  return grpo::split_row(static_cast<int>(reinterpret_cast<uintptr_t>(row) & 15), cols, int(sizeof(T)));
-}
 
 __device__ __noinline__ void fail_target(long long row, long long value, long long cols) {
   printf("tsparse.logprobs: `targets[%lld]` = %lld is out of range [0, %lld)\n", row, value, cols);

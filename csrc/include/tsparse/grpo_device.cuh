@@ -34,6 +34,13 @@ using grpo::RowGrad;
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// The layout (grpo_layout.h split_row) of a row of `cols` elements of T starting at `row`. The row
+// is element-aligned (host check), so its misalignment is a multiple of sizeof(T).
+template <typename T>
+__device__ __forceinline__ grpo::RowSplit split_row(const void* row, int cols) {
+  return grpo::split_row(static_cast<int>(reinterpret_cast<uintptr_t>(row) & 15), cols, int(sizeof(T)));
+}
+
 // The per-token kernels (one thread per token, a grid-stride loop): block size and grid.
 constexpr int kTokenThreads = 256;
 constexpr int kTokenBlocksPerSm = 8;
