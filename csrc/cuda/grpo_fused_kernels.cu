@@ -358,23 +358,32 @@ cudaError_t allow_max_slice() {
   return err;
 }
 
-template <typename T, int THREADS, bool WITH_ENT>
-cudaError_t launch_cluster(const FusedParams<T>& p, const grpo::ClusterPlan& plan, cudaStream_t stream) {
-  auto kernel = grpo_loss_cluster_kernel<T, THREADS, WITH_ENT>;
-  cudaError_t err = allow_max_slice<T, THREADS, WITH_ENT>();
-  if (err != cudaSuccess) return err;
+// A launch of `ctas` CTAs of `threads` threads in clusters of plan.ctas along x, each with
+// plan.smem_bytes of dynamic shared memory (`attr`: the caller's storage for the cluster
+// attribute; the stream is left 0).
+cudaLaunchConfig_t cluster_config(const grpo::ClusterPlan& plan, int threads, int64_t ctas,
+                                  cudaLaunchAttribute (&attr)[1]) {
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(p.rows * plan.ctas), 1, 1);
-  cfg.blockDim = dim3(THREADS, 1, 1);
+  cfg.gridDim = dim3(static_cast<unsigned>(ctas), 1, 1);
+  cfg.blockDim = dim3(static_cast<unsigned>(threads), 1, 1);
   cfg.dynamicSmemBytes = static_cast<size_t>(plan.smem_bytes);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = static_cast<unsigned>(plan.ctas);
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
+  return cfg;
+}
+
+template <typename T, int THREADS, bool WITH_ENT>
+cudaError_t launch_cluster(const FusedParams<T>& p, const grpo::ClusterPlan& plan, cudaStream_t stream) {
+  auto kernel = grpo_loss_cluster_kernel<T, THREADS, WITH_ENT>;
+  cudaError_t err = allow_max_slice<T, THREADS, WITH_ENT>();
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute attr[1];
+  cudaLaunchConfig_t cfg = cluster_config(plan, THREADS, p.rows * plan.ctas, attr);
+  cfg.stream = stream;
   return cudaLaunchKernelEx(&cfg, kernel, p);
 }
 
@@ -385,17 +394,8 @@ int max_active_clusters(const grpo::ClusterPlan& plan) {
     cudaGetLastError();
     return 0;
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(plan.ctas), 1, 1);
-  cfg.blockDim = dim3(THREADS, 1, 1);
-  cfg.dynamicSmemBytes = static_cast<size_t>(plan.smem_bytes);
   cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(plan.ctas);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  const cudaLaunchConfig_t cfg = cluster_config(plan, THREADS, plan.ctas, attr);  // one cluster
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
     cudaGetLastError();
