@@ -1005,7 +1005,9 @@ def test_inplace_backward_with_inputs_stored_in_the_logits(device, dtype, alias)
     snapshot = logits.clone()  # the logits as the op sees them (the first row holds the alias)
     want = ops.logprobs_backward(snapshot, targets, rm, ln, en, g, None, 1.0)
     ops.logprobs_backward_(logits, targets_in, rm_in, ln, en, g_in, None, 1.0)
-    torch.testing.assert_close(logits, want, atol=0, rtol=0)
+    # The aliased fp32 / int64 bytes can form bf16 / fp16 NaN or Inf logits in the first row;
+    # both paths then give NaN at the same elements (~4% of seeds): NaNs compare equal here.
+    torch.testing.assert_close(logits, want, atol=0, rtol=0, equal_nan=True)
 
 
 def test_temperature_whose_inverse_overflows_is_rejected(device):
