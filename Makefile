@@ -3,7 +3,9 @@
 #               the dual-stream trainer on the tiny model and synthetic scans (configs/demo.yaml)
 #   make test   the same setup, then the whole test suite
 # Other targets: make bench (benchmarks and the op report), make wheel (a wheel with the CUDA
-# kernels), make build (incremental rebuild of tsparse._C), make lock (re-pin requirements/dev.lock).
+# kernels), make build (incremental rebuild of tsparse._C), make sass (what the compiled kernels
+# do, read from their SASS; no GPU needed), make lock (re-pin requirements/dev.lock),
+# make oldest-torch (build + op tests on torch 2.8 in a separate venv, regenerates the torch API manifest).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -14,9 +16,10 @@ MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+SASS_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup build test demo bench wheel lock info clean
+.PHONY: setup build test demo bench sass wheel lock info clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +54,13 @@ bench: build
 	$(BENCH_ENV) $(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=min,median,max,rounds
 	$(PY) -m benchmarks.report $(BENCH_ARGS)
 
+# Per kernel of the built extension: registers, spills, shared memory, occupancy, load/store
+# widths, MUFU and branch counts, SASS instructions per element of the hot loops, and the
+# compile-time spec of every kernel family (profiling/sass_spec.py). SASS_ARGS: --json, --loops,
+# --filter REGEX. Needs the CUDA kernels built in and the pinned cuobjdump/nvdisasm wheels.
+sass: build
+	$(PY) profiling/sass_report.py --check $(SASS_ARGS)
+
 # A wheel with the CUDA kernels in it (fails if they cannot be built; TSPARSE_CUDA=0 for CPU-only).
 wheel: setup
 	TSPARSE_CUDA=$${TSPARSE_CUDA:-1} $(PIP) wheel --no-deps --no-build-isolation -w dist .
@@ -61,6 +71,13 @@ info: build
 
 lock:
 	scripts/lock.sh
+
+# The oldest supported torch (2.8.0, pyproject's torch>=2.8): a separate venv (VENV_OLDEST=...), a CPU-only
+# build in a scratch copy, the op tests, then scripts/torch_api_manifest.json regenerated from it
+# (python_tests/test_torch_api.py checks the code against that manifest on every test run).
+.PHONY: oldest-torch
+oldest-torch:
+	scripts/check_oldest_torch.sh $(VENV_OLDEST)
 
 clean:
 	rm -rf build dist *.egg-info tsparse/_C*.so csrc/generated bench_results

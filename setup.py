@@ -59,11 +59,33 @@ def _want_cuda(torch) -> tuple[bool, str]:
         if nvcc and os.path.exists(nvcc):
             if not home:
                 os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-            return True, f"torch CUDA {torch.version.cuda}, nvcc at {nvcc}"
-        reason = "nvcc not found (set CUDA_HOME)"
+            release = _nvcc_release(nvcc)
+            if release is not None and release.split(".")[0] != torch.version.cuda.split(".")[0]:
+                # torch.utils.cpp_extension._check_cuda_version refuses a different CUDA major
+                # version (a different minor only warns): say so before it fails mid-build.
+                reason = (f"nvcc {release} at {nvcc} cannot build against torch's CUDA {torch.version.cuda} "
+                          f"(torch requires the same CUDA major version; use an nvcc "
+                          f"{torch.version.cuda.split('.')[0]}.x via CUDA_HOME)")
+            else:
+                return True, f"torch CUDA {torch.version.cuda}, nvcc {release} at {nvcc}"
+        else:
+            reason = "nvcc not found (set CUDA_HOME)"
     if flag in ("1", "true", "on", "yes"):
         sys.exit(f"tsparse: TSPARSE_CUDA=1 but CUDA kernels cannot be built: {reason}")
     return False, reason
+
+
+def _nvcc_release(nvcc: str):
+    """``"13.0"`` from ``nvcc --version`` (``release 13.0``), or ``None``."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
 def _cutlass_include() -> list[str]:

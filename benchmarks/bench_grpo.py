@@ -15,6 +15,8 @@ Byte model (what the kernels must move; GB/s and %copy come from it), bf16 logit
   logprobs fwd        read 2 B/elem                             -> 2 E bytes
   logprobs fwd + bwd  fwd read 2 B + bwd read 2 B + write 2 B   -> 6 E bytes
   grpo_loss fwd + bwd the same 6 E bytes ([T]-sized traffic is negligible)
+  grpo_loss single_read  read 2 B + write 2 B (one pass; the upstream scale of 1 costs no pass)
+                      -> 4 E bytes; its ratio is against grpo_loss two_pass timed in the same run
 The "eff TB/s" note is the issue's effective rate against the single-read floor (4 E bytes: read
 the logits once, write the gradient once), the figure the H100 target (>= 2.5 TB/s) is stated in.
 FLOP model of the fused linear path: 6 * T * H * V (forward matmul, two gradient matmuls).
@@ -26,6 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
+from tsparse import _C
 from tsparse import reference as ref
 from tsparse.ops import fused_linear_grpo_loss, grpo_loss, logprobs
 
@@ -65,6 +68,16 @@ def _liger():
     except Exception:  # not installed (the CPU machine) or no Triton backend
         return None
     return dict(ce=liger_cross_entropy, grpo=triton_grpo_loss)
+
+
+def _single_read_plan(v: int, device: torch.device) -> str:
+    """Which path grpo_loss(impl="single_read") takes for bf16 rows of V logits here."""
+    if device.type != "cuda":
+        return "CPU: two-pass math per row"
+    lay = _C.grpo_row_layout(v, 2, 0, 512, 0)
+    if not lay["cluster_ok"]:
+        return "two-pass fallback (row too wide)"
+    return f"cluster {lay['ctas']} CTA x {lay['smem_bytes'] / 1024:.1f} KB, {lay['threads']} thr"
 
 
 def _eff(elems: int, ms: float) -> str:
@@ -171,6 +184,26 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
                     t_b and t_b["median_ms"], gbytes=6 * e / 1e9, peak_mb=mb(peak),
                     note=f"eff {_eff(e, t_o['median_ms'])}; torch peak {torch_peak}"))
     log(f"  grpo_loss fwd+bwd: {t_o['median_ms']:.3f} ms")
+
+    # ---- grpo_loss single read (impl="single_read"): 4 B/elem, against two_pass of this run ---
+    plan = _single_read_plan(v, device)
+
+    def ours_single(inplace: bool):
+        def fn():
+            r = grpo_loss(state["y"], d["targets"], d["old"], d["adv"], d["mask"], impl="single_read",
+                          inplace_backward=inplace, **kw)
+            torch.autograd.grad(r.loss, state["y"])
+        return fn
+
+    for inplace in (True, False):
+        t_s = timer(ours_single(inplace), setup=fresh_nonleaf)
+        fresh_nonleaf()
+        peak_s = timer.peak_bytes(ours_single(inplace))
+        name = "grpo_loss fwd+bwd single_read" + (" (in-place)" if inplace else " (grad buffer)")
+        rows.append(Row(name, shape + " 2 streams", dt, t_s["median_ms"], "grpo_loss two_pass (in-place)",
+                        t_o["median_ms"], gbytes=4 * e / 1e9, peak_mb=mb(peak_s),
+                        note=f"{plan}; eff {_eff(e, t_s['median_ms'])}"))
+        log(f"  {name}: {t_s['median_ms']:.3f} ms ({plan})")
 
     # ---- Liger-Kernel (only where installed) --------------------------------------------
     lg = _liger()

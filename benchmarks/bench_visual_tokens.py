@@ -1,27 +1,43 @@
 """Benchmarks of the visual-token ops against their PyTorch baselines.
 
 Realistic size ("full", the default on a GPU): Qwen2.5-VL-7B hidden 3584, 64 images of a
-1008 x 1008 picture (grid 1 x 72 x 72 -> 1296 merged tokens each), ~77% of tokens kept
-(one evidence box of 0.877 x 0.877 of the image per image), bf16. The box mask is also
+1008 x 1008 picture (grid 1 x 72 x 72 -> 1296 merged tokens each), one evidence box of
+0.877 x 0.877 of the image per image (77% of its area; 81% of the tokens are kept, since every
+partly covered cell is), bf16. The box mask is also
 timed for 256 images. "cpu" (the default on the CPU) uses 8 images so a run takes seconds.
 
-Byte models (what a perfect kernel must move; GB/s and %copy are computed from these):
+Byte models (what a perfect kernel must move; GB/s and %copy are computed from these, by the
+functions in BYTE_MODELS below, which python_tests/test_bench_models.py checks against the bytes of
+real inputs and outputs):
   gather fwd      read M*D*e + write M*D*e
   gather bwd      read M*D*e (grad) + write N*D*e (dense grad, every row written once)
   scatter fwd     read M*D*e (src) + read (N-M)*D*e (fill) + write N*D*e
+  scatter zeros   read M*D*e (src) + write N*D*e
   fuse fwd        read N*D*e + write K*D*e  (the similarity matmul is extra compute)
   fuse bwd        read K*D*e + write N*D*e
+  select fuse=False  the gather: read M*D*e + write M*D*e (the mask is ~N bytes)
+  select fuse=True   the fusion: read N*D*e + write K*D*e (K = M: one output row per kept token)
+At the "full" size (N = 82,944 tokens, M = 67,501 kept: 81%, as any partly covered cell is kept)
+one gather moves 0.97 GB, not the 117 MB of the anchors' 8,192-row example: compare rates (GB/s,
+% of copy), not times.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from tsparse import reference as ref
-from tsparse.ops import box_to_patch_mask, fuse_tokens, gather_tokens, scatter_tokens, select_visual_tokens
+from tsparse.ops import (
+    FUSION_METHODS,
+    box_to_patch_mask,
+    fuse_tokens,
+    gather_tokens,
+    scatter_tokens,
+    select_visual_tokens,
+)
 
 from .common import Row, Timer, compiled
 
@@ -32,6 +48,22 @@ SIZES = {
     "tiny": dict(images=2, side=16, hidden=64, mask_images=8),
 }
 KEEP_SIDE = math.sqrt(0.77)  # one box of this side (fraction of the image) keeps ~77% of tokens
+
+# Bytes each op must move (N source rows, M gathered / kept rows, K fused rows, D columns, e bytes).
+BYTE_MODELS: dict[str, Callable[..., int]] = {
+    "gather fwd": lambda n, m, k, d, e: 2 * m * d * e,
+    "gather bwd": lambda n, m, k, d, e: m * d * e + n * d * e,
+    "scatter fwd": lambda n, m, k, d, e: m * d * e + (n - m) * d * e + n * d * e,
+    "scatter zeros": lambda n, m, k, d, e: m * d * e + n * d * e,
+    "fuse fwd": lambda n, m, k, d, e: n * d * e + k * d * e,
+    "fuse bwd": lambda n, m, k, d, e: k * d * e + n * d * e,
+    "select fuse=False": lambda n, m, k, d, e: 2 * m * d * e,
+    "select fuse=True": lambda n, m, k, d, e: n * d * e + m * d * e,
+}
+
+
+def gbytes(op: str, n: int, m: int, k: int, d: int, e: int) -> float:
+    return BYTE_MODELS[op](n, m, k, d, e) / 1e9
 
 
 def make_inputs(device, images: int, side: int, hidden: int, dtype=torch.bfloat16, seed: int = 0):
@@ -55,10 +87,13 @@ def _mask_boxes(device, images: int, seed: int = 1):
     return boxes, offsets
 
 
-def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None] = print) -> list[Row]:
+def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None] = print,
+        rows_out: Optional[list] = None) -> list[Row]:
+    """The family's rows; appended to ``rows_out`` as they are measured when it is given, so a
+    run interrupted mid-family (a phase deadline of profiling/device_check.sh) keeps them."""
     cfg = SIZES[size]
     device = torch.device(device)
-    rows: list[Row] = []
+    rows: list[Row] = rows_out if rows_out is not None else []
     images, side, hidden = cfg["images"], cfg["side"], cfg["hidden"]
     grid, boxes, box_offsets, x = make_inputs(device, images, side, hidden)
     n, d = x.shape
@@ -81,7 +116,7 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
     shape = f"N={n} M={m} D={d}"
 
     # ---- gather forward ---------------------------------------------------------------
-    gb = 2 * m * d * e / 1e9
+    gb = gbytes("gather fwd", n, m, m, d, e)
     t_ours = timer(lambda: gather_tokens(x, index))
     for name, fn in [
         ("index_select", lambda: x.index_select(0, index)),
@@ -99,7 +134,7 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
     y_ref = xg[index]
     y_sel = xg.index_select(0, index)
     grad = torch.randn_like(y_ours)
-    gb = (m * d * e + n * d * e) / 1e9
+    gb = gbytes("gather bwd", n, m, m, d, e)
     t_ours = timer(lambda: torch.autograd.grad(y_ours, xg, grad, retain_graph=True))
     peak = timer.peak_bytes(lambda: torch.autograd.grad(y_ours, xg, grad, retain_graph=True))
     for name, y in [("autograd x[index]", y_ref), ("autograd index_select", y_sel)]:
@@ -117,7 +152,7 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
 
     # ---- scatter forward (with fill) ---------------------------------------------------
     src = x[index].contiguous()
-    gb = (m * d * e + (n - m) * d * e + n * d * e) / 1e9
+    gb = gbytes("scatter fwd", n, m, m, d, e)
     t_ours = timer(lambda: scatter_tokens(src, index, n, fill=x))
     for name, fn in [
         ("index_put", lambda: x.index_put((index,), src)),
@@ -130,7 +165,7 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
     zeros_t = timer(lambda: scatter_tokens(src, index, n))
     rows.append(Row("scatter_tokens fwd (zeros)", shape, dt, zeros_t["median_ms"], "zeros+index_copy_",
                     timer(lambda: torch.zeros_like(x).index_copy_(0, index, src))["median_ms"],
-                    gbytes=(m * d * e + n * d * e) / 1e9))
+                    gbytes=gbytes("scatter zeros", n, m, m, d, e)))
     del src
     log("  scatter done")
 
@@ -138,7 +173,7 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
     offsets = [int(v) for v in torch.arange(images + 1) * (side // 2) ** 2]
     kept_counts = counts.tolist()
     k = sum(kept_counts)
-    gb = (n * d * e + k * d * e) / 1e9
+    gb = gbytes("fuse fwd", n, m, k, d, e)
     t_ours = timer(lambda: fuse_tokens(x, keep, offsets, kept_counts=kept_counts))
     # The similarity matmul alone (what fusion must at least cost in compute).
     kmax = max(kept_counts)
@@ -165,18 +200,19 @@ def run(device: torch.device, size: str, timer: Timer, log: Callable[[str], None
     ye, _ = ref.fuse_tokens_eager(xf, keep, offsets)
     t_bwd_e = timer(lambda: torch.autograd.grad(ye, xf, gy, retain_graph=True))
     rows.append(Row("fuse_tokens bwd", shape + f" K={k}", dt, t_bwd["median_ms"], "autograd eager torch",
-                    t_bwd_e["median_ms"], gbytes=(k * d * e + n * d * e) / 1e9))
+                    t_bwd_e["median_ms"], gbytes=gbytes("fuse bwd", n, m, k, d, e)))
     del a, b, xf, yf, gy, ye
     log("  fuse done")
 
-    # ---- the composition users call ---------------------------------------------------
-    for fuse in (False, True):
+    # ---- the composition users call, one row per fusion method ---------------------------
+    for fuse in FUSION_METHODS:
         t_sel = timer(lambda: select_visual_tokens(x, boxes, box_offsets, grid, fuse=fuse))
-        t_sel_ref = Timer(device, warmup=1, iters=3)(
-            lambda: ref.select_visual_tokens_ref(x, boxes, box_offsets, grid, fuse=fuse)
-        ) if size != "full" or not fuse else None
+        # the references of the spatial methods are per-token Python loops: small sizes only
+        slow_ref = fuse != "none" and (size == "full" or fuse in ("nearest_kept", "summary"))
+        t_sel_ref = None if slow_ref else Timer(device, warmup=1, iters=3)(
+            lambda: ref.select_visual_tokens_ref(x, boxes, box_offsets, grid, fuse=fuse))
         rows.append(Row(f"select_visual_tokens fuse={fuse}", shape, dt, t_sel["median_ms"],
                         "reference" if t_sel_ref else "-", t_sel_ref["median_ms"] if t_sel_ref else None,
-                        gbytes=(n * d * e + m * d * e) / 1e9))
+                        gbytes=gbytes(f"select fuse={fuse}", n, m, m, d, e)))
     log("  select done")
     return rows

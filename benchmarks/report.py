@@ -11,6 +11,7 @@ matmul rate where the op computes, peak extra memory (GPU). Results also go to J
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 
@@ -76,9 +77,19 @@ def main(argv=None) -> int:
     failed = []
     for fam in families:
         print(f"[{fam}]", flush=True)
+        done = []  # rows a family has finished (kept if the run is interrupted mid-family)
         try:
-            rows += FAMILIES[fam](device, size, timer, log=lambda s: print(s, flush=True))
+            run = FAMILIES[fam]
+            # families that accept rows_out append each row as it is measured (partial results survive)
+            kw = {"rows_out": done} if "rows_out" in inspect.signature(run).parameters else {}
+            rows += run(device, size, timer, log=lambda s: print(s, flush=True), **kw)
+        except KeyboardInterrupt:  # a phase deadline (SIGINT): keep and write what was measured
+            rows += done
+            failed.append(f"{fam} (interrupted)")
+            print("  INTERRUPTED: writing the rows measured so far", flush=True)
+            break
         except Exception as exc:  # one family's failure must not lose the others' rows
+            rows += done
             failed.append(fam)
             print(f"  FAILED: {type(exc).__name__}: {exc}", flush=True)
     print()

@@ -59,6 +59,15 @@ def test_grpo_loss_tsparse(benchmark, inputs):
 
 
 @pytest.mark.benchmark(group="grpo_loss fwd+bwd")
+def test_grpo_loss_tsparse_single_read(benchmark, inputs):
+    d = inputs
+    setup, fn = _fwd_bwd(lambda y: grpo_loss(y, d["targets"], d["old"], d["adv"], d["mask"], ref_logp=d["ref"],
+                                             kl_coef=0.01, entropy_coef=0.001, stream=d["stream"], num_streams=2,
+                                             inplace_backward=True, impl="single_read").loss, d)
+    benchmark.pedantic(fn, setup=setup, rounds=5)
+
+
+@pytest.mark.benchmark(group="grpo_loss fwd+bwd")
 def test_grpo_loss_torch(benchmark, inputs):
     d = inputs
     setup, fn = _fwd_bwd(lambda y: ref.grpo_loss_ref(y, d["targets"], d["old"], d["adv"], d["mask"], ref_logp=d["ref"],

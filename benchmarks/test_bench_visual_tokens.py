@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tsparse import reference as ref
-from tsparse.ops import box_to_patch_mask, fuse_tokens, gather_tokens, scatter_tokens
+from tsparse.ops import box_to_patch_mask, fuse_tokens, gather_tokens, scatter_tokens, summary_tokens, token_coords
 
 from .bench_visual_tokens import make_inputs
 from .common import BENCH_DEVICE as DEVICE
@@ -84,3 +84,15 @@ def test_fuse_tsparse(benchmark, inputs):
 @pytest.mark.benchmark(group="fuse fwd")
 def test_fuse_eager_torch(benchmark, inputs):
     benchmark(_run(lambda: ref.fuse_tokens_eager(inputs["x"], inputs["keep"], inputs["offsets"])))
+
+
+@pytest.mark.benchmark(group="fuse fwd")
+def test_fuse_nearest_kept_tsparse(benchmark, inputs):
+    coords = token_coords(inputs["grid"], device=inputs["x"].device)
+    benchmark(_run(lambda: fuse_tokens(inputs["x"], inputs["keep"], inputs["offsets"], kept_counts=inputs["counts"],
+                                       coords=coords)))
+
+
+@pytest.mark.benchmark(group="fuse fwd")
+def test_fuse_summary_tsparse(benchmark, inputs):
+    benchmark(_run(lambda: summary_tokens(inputs["x"], inputs["keep"], inputs["grid"], kept_counts=inputs["counts"])))

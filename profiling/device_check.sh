@@ -1,176 +1,214 @@
 #!/usr/bin/env bash
-# One prepared run on the GPU machine: build against ITS torch, run the CUDA tests, a
-# compute-sanitizer pass (memcheck + racecheck) over every kernel, the benchmark report of
-# every op family and Nsight Compute summaries; write everything under $OUT, print a short
-# summary last.
+# One prepared run on the GPU machine, fit for ONE 15-minute loan (one call of ~9 minutes, the
+# build included; the machine's start and hand-back take the rest). Builds against the machine's
+# own Python + torch (3.12 + 2.11 + cu130 on the device image), then, in this order (priority):
+#   bench:grpo           the GRPO benchmark (realistic size), first: the numbers issue 12 needs most
+#   bench:visual_tokens  the visual-token benchmark
+#   bench:varlen         the varlen benchmark
+#   tests                the CUDA tests (pytest -m cuda): a per-test limit; at the phase deadline
+#                        pytest gets SIGINT, so its junit file and failure list are still written
+#   sanitizer            compute-sanitizer memcheck (+ racecheck if time is left) on tsparse's
+#                        kernels only (small shapes)
+#   ncu                  Nsight Compute on tsparse's kernels only, at most NCU_LAUNCHES launches
+#   bench:sparse_prefill the tiny-model prefill benchmark, only if time is left
+# and writes everything under $OUT, with results.json last: ONE object a later session commits as
+# benchmarks/results/<date>-<device>.json (profiling/device_results.py: device, torch, cuda, date,
+# benchmark rows with ratio, GB/s and % of the copy measured in the same run, the test summary,
+# the sanitizer's findings, the ncu summary, what each phase did).
 #
-# From a session lent a GPU (device tool), with the CUTLASS wheel carried in .whl/ (see
-# profiling/NOTES.md for the recipe):
-#     run(command="bash profiling/device_check.sh", carry=[".whl"], timeout_s=540)
-# Locally (no GPU) it stops after the build with a clear message.
+#     run(command="bash profiling/device_check.sh", timeout_s=570)      # nothing to carry
 #
-# Files under $OUT (the device tool returns at most 8, two folders deep):
-#   summary.txt    environment, build line, test counts, sanitizer verdicts, ncu table, bench tables
-#   build.log      compiler output            tests.log    pytest output (CUDA tests)
-#   sanitizer.log  memcheck + racecheck       bench.txt    benchmark report(s), one per family
-#   report.json    all families' rows (JSON)  ncu.csv      Nsight Compute raw metrics
-#   prefill7b.json (only with EXTRA=prefill7b)
+# Nothing is carried: the build needs only the machine's torch, nvcc and ninja. The CUTLASS wheel
+# is needed only if a source includes CUTLASS/CuTe headers (none does today); then carry it in
+# .whl/ (profiling/NOTES.md) and this script installs it, else it says so and stops.
 #
-# Time: the whole run keeps to DEADLINE seconds (default 480 = 8 min); each phase gets
-# min(its own timeout, what is left), and phases that no longer fit are skipped and said so.
-# Order = priority: build, tests, sanitizer, benchmarks (family by family), ncu, extras.
-#   SKIP="tests sanitizer bench ncu"   skip phases (a rerun that needs only part of the work)
-#   FAMILIES="visual_tokens grpo ..."  benchmark families (default: all in benchmarks/report.py)
-#   EXTRA="compile prefill7b"          optional: torch.compile baselines (slow to compile);
-#                                      sparse prefill on a random Qwen2.5-VL-7B-shaped model
+#   DEADLINE=540          seconds for the whole run (phases get min(their own limit, what is left))
+#   SKIP="sanitizer ncu"  phases to skip;  ONLY="tests"  run only these phases (the build always runs)
+#   PLAN_ONLY=1           print the phase plan and exit (used by the CPU tests)
+#   EXTRA="prefill7b compile"  optional: the 7B-shaped prefill; torch.compile baselines
+# Locally (no GPU) it stops after the build with a clear message (exit 2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.device_out}
-mkdir -p "$OUT"
 T0=$(date +%s)
 PY=${PYTHON:-python3}
-summary="$OUT/summary.txt"
-: > "$summary"
-say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$summary"; }
-
-DEADLINE=${DEADLINE:-480}
-TEST_TIMEOUT=${TEST_TIMEOUT:-150}
-SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-110}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-90}       # per family
-NCU_TIMEOUT=${NCU_TIMEOUT:-60}
-PREFILL7B_TIMEOUT=${PREFILL7B_TIMEOUT:-180}
+DEADLINE=${DEADLINE:-540}
+RESERVE=${RESERVE:-15}           # kept for writing results.json
 SKIP=${SKIP:-}
+ONLY=${ONLY:-}
 EXTRA=${EXTRA:-}
-# Seconds a phase may use: its own timeout, capped by what is left of the deadline.
-budget() { local left=$(( DEADLINE - ($(date +%s) - T0) )); (( left < $1 )) && echo "$left" || echo "$1"; }
-want() { [[ " $SKIP " != *" $1 "* ]]; }
+NCU_LAUNCHES=${NCU_LAUNCHES:-40}
+TEST_LIMIT=${TEST_LIMIT:-90}     # per test, seconds
+BENCH_ITERS=${BENCH_ITERS:-10}
 
+# phase name : its own limit in seconds, in priority order
+PHASES=(
+  "build:170"
+  "bench:grpo:110"
+  "bench:visual_tokens:60"
+  "bench:varlen:60"
+  "tests:120"
+  "sanitizer:60"
+  "ncu:45"
+  "bench:sparse_prefill:40"
+)
+
+summary="$OUT/summary.txt"
+phase_log="$OUT/phases.jsonl"
+say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$summary"; }
+left() { echo $(( DEADLINE - RESERVE - ($(date +%s) - T0) )); }
+budget() { local l; l=$(left); (( l < $1 )) && echo "$l" || echo "$1"; }
+wanted() {
+  local name=$1
+  [[ " $SKIP " == *" $name "* || " $SKIP " == *" ${name%%:*} "* ]] && return 1
+  [[ -z "$ONLY" || "$name" == build ]] && return 0
+  [[ " $ONLY " == *" $name "* || " $ONLY " == *" ${name%%:*} "* ]]
+}
+record() {  # phase, budget, seconds, rc, status
+  printf '{"phase": "%s", "budget_s": %s, "seconds": %s, "rc": %s, "status": "%s"}\n' "$1" "$2" "$3" "$4" "$5" >> "$phase_log"
+}
+
+if [[ -n "${PLAN_ONLY:-}" ]]; then
+  total=0
+  for p in "${PHASES[@]}"; do
+    name=${p%:*}; lim=${p##*:}
+    wanted "$name" || { echo "phase $name skipped"; continue; }
+    echo "phase $name limit ${lim}s"
+    total=$(( total + lim ))
+  done
+  echo "deadline ${DEADLINE}s reserve ${RESERVE}s sum-of-limits ${total}s"
+  exit 0
+fi
+
+mkdir -p "$OUT"
+: > "$summary"
+: > "$phase_log"
 say "device_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname), deadline ${DEADLINE}s"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 || echo "no nvidia-smi"; } | tee -a "$summary"
 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0))" 2>&1 | tee -a "$summary"
 
-# Carried wheels (CUTLASS headers; optional baselines such as Liger-Kernel), pure Python.
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/tsparse_site .whl/*.whl \
-    && export PYTHONPATH=/tmp/tsparse_site${PYTHONPATH:+:$PYTHONPATH} \
-    && say "installed carried wheels: $(ls .whl | tr '\n' ' ')"
+# ---- CUTLASS: only when a source includes it ------------------------------------------------
+if grep -rqE '#include *[<"](cutlass|cute)/' csrc 2>/dev/null; then
+  if compgen -G ".whl/nvidia_cutlass*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/tsparse_site .whl/nvidia_cutlass*.whl \
+      && export PYTHONPATH=/tmp/tsparse_site${PYTHONPATH:+:$PYTHONPATH} && say "installed the carried CUTLASS wheel"
+  else
+    say "a source includes CUTLASS/CuTe headers but .whl/nvidia_cutlass*.whl was not carried (profiling/NOTES.md)"
+    exit 1
+  fi
 fi
 
-# ---- build against this machine's torch ------------------------------------------------
+# ---- build against this machine's torch ----------------------------------------------------
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 rm -f tsparse/_C*.so
-if ! TSPARSE_CUDA=1 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+t=$(budget 170); s=$(date +%s)
+if ! TSPARSE_CUDA=1 timeout "$t" "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  record build "$t" $(( $(date +%s) - s )) 1 failed
   say "BUILD FAILED (tail of build.log follows)"
   tail -40 "$OUT/build.log" | tee -a "$summary"
   exit 1
 fi
+record build "$t" $(( $(date +%s) - s )) 0 ok
 grep -E "^tsparse: built" "$OUT/build.log" | tee -a "$summary"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-"$PY" -m tsparse 2>&1 | tee -a "$summary"
+export PYTHONPATH=$PWD:$PWD/profiling${PYTHONPATH:+:$PYTHONPATH}
+"$PY" -m tsparse 2>&1 | tail -3 | tee -a "$summary"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   say "no usable GPU here: stopping after the build"
   exit 2
 fi
 
-rc_tests=0; rc_san=0; rc_bench=0; rc_ncu=0; rc_prefill=0
-# ---- CUDA tests (the CPU variants ran in CI; -m cuda selects the GPU ones) ---------------
-if want tests; then
-  t=$(budget "$TEST_TIMEOUT")
-  xdist=""
-  "$PY" -c "import xdist" 2> /dev/null && xdist="-n 4"
-  say "CUDA tests (timeout ${t}s${xdist:+, $xdist})"
-  timeout "$t" "$PY" -m pytest python_tests -m cuda -q -p no:cacheprovider $xdist \
+BENCH_DIR=$OUT/bench
+mkdir -p "$BENCH_DIR"
+compile_flag="--no-compile"
+[[ " $EXTRA " == *" compile "* ]] && compile_flag="--compile"
+status=0
+
+run_bench() {  # family, limit
+  local fam=$1 t s rc
+  t=$(budget "$2")
+  if (( t < 15 )); then record "bench:$fam" "$t" 0 0 "skipped (deadline)"; say "bench $fam skipped (deadline)"; return; fi
+  say "bench $fam (limit ${t}s)"
+  s=$(date +%s)
+  timeout -s INT -k 10 "$t" "$PY" -m benchmarks.report --device cuda --size full --only "$fam" --iters "$BENCH_ITERS" \
+    $compile_flag --json "$BENCH_DIR/$fam.json" >> "$OUT/bench.txt" 2>&1
+  rc=$?
+  record "bench:$fam" "$t" $(( $(date +%s) - s )) "$rc" "$([[ $rc == 0 ]] && echo ok || echo "rc $rc")"
+  (( rc != 0 )) && { say "  $fam exited with $rc (see bench.txt)"; status=1; }
+}
+
+run_tests() {
+  local t s rc plugin=""
+  t=$(budget "$1")
+  if (( t < 20 )); then record tests "$t" 0 0 "skipped (deadline)"; say "tests skipped (deadline)"; return; fi
+  # a per-test limit: pytest-timeout when the image has it, else the dependency-free plugin
+  if "$PY" -c "import pytest_timeout" 2> /dev/null; then
+    plugin="--timeout=$TEST_LIMIT --timeout-method=signal -p pytest_deadline"
+  else
+    plugin="-p pytest_deadline"
+    export TSPARSE_TEST_TIMEOUT=$TEST_LIMIT
+  fi
+  export TSPARSE_TEST_LOG=$OUT/tests.jsonl
+  : > "$TSPARSE_TEST_LOG"
+  say "CUDA tests (limit ${t}s, ${TEST_LIMIT}s per test)"
+  s=$(date +%s)
+  timeout -s INT -k 20 "$t" "$PY" -m pytest python_tests -m cuda -q -p no:cacheprovider $plugin \
     --junitxml="$OUT/tests-junit.xml" > "$OUT/tests.log" 2>&1
-  rc_tests=$?
-  tail -5 "$OUT/tests.log" | tee -a "$summary"
-  "$PY" - "$OUT/tests-junit.xml" <<'PY' 2>&1 | tee -a "$summary"
-import sys, xml.etree.ElementTree as ET
-try:
-    root = ET.parse(sys.argv[1]).getroot()
-except Exception as exc:
-    print("tests: no junit report:", exc); sys.exit()
-suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-n = lambda k: sum(int(s.get(k, 0)) for s in suites)
-print(f"tests: {n('tests')} collected, {n('failures')} failed, {n('errors')} errors, {n('skipped')} skipped")
-for case in root.iter("testcase"):
-    for bad in list(case.findall("failure")) + list(case.findall("error")):
-        print("  FAILED", case.get("classname"), case.get("name"), "-", (bad.get("message") or "")[:160])
-PY
-  rm -f "$OUT/tests-junit.xml"  # its content is in summary.txt; keep the file count low
-fi
+  rc=$?
+  record tests "$t" $(( $(date +%s) - s )) "$rc" "$([[ $rc == 0 ]] && echo ok || echo "rc $rc")"
+  tail -4 "$OUT/tests.log" | tee -a "$summary"
+  (( rc != 0 )) && status=1
+}
 
-# ---- compute-sanitizer: memcheck + racecheck over every kernel (small shapes) ------------
-if want sanitizer; then
-  if command -v compute-sanitizer > /dev/null; then
-    t=$(budget "$SANITIZER_TIMEOUT")
-    say "compute-sanitizer (timeout ${t}s)"
-    timeout "$t" bash profiling/run_sanitizer.sh "$OUT/sanitizer.log" 2>&1 | tee -a "$summary"
-    rc_san=${PIPESTATUS[0]}
-    say "sanitizer rc=$rc_san (0: no findings; 124: timed out)"
-  else
-    say "compute-sanitizer not found: skipped"
-  fi
-fi
+run_sanitizer() {
+  local t s rc
+  t=$(budget "$1")
+  if ! command -v compute-sanitizer > /dev/null; then record sanitizer 0 0 0 "not installed"; say "compute-sanitizer not found"; return; fi
+  if (( t < 20 )); then record sanitizer "$t" 0 0 "skipped (deadline)"; say "sanitizer skipped (deadline)"; return; fi
+  say "compute-sanitizer on tsparse kernels (limit ${t}s)"
+  s=$(date +%s)
+  DEADLINE_S=$t timeout -s INT -k 10 "$t" bash profiling/run_sanitizer.sh "$OUT/sanitizer.log" 2>&1 | tee -a "$summary"
+  rc=${PIPESTATUS[0]}
+  record sanitizer "$t" $(( $(date +%s) - s )) "$rc" "$([[ $rc == 0 ]] && echo clean || echo "rc $rc")"
+  (( rc != 0 )) && status=1
+}
 
-# ---- benchmarks: one report per family (own timeout), rows merged into report.json --------
-if want bench; then
-  fams=${FAMILIES:-$("$PY" -c "from benchmarks.report import FAMILIES; print(' '.join(FAMILIES))")}
-  compile_flag="--no-compile"
-  [[ " $EXTRA " == *" compile "* ]] && compile_flag="--compile"
-  : > "$OUT/bench.txt"
-  mkdir -p /tmp/tsparse_bench
-  for fam in $fams; do
-    t=$(budget "$BENCH_TIMEOUT")
-    if (( t < 20 )); then say "benchmarks: $fam skipped (deadline)"; continue; fi
-    say "benchmarks: $fam (timeout ${t}s, $compile_flag)"
-    timeout "$t" "$PY" -m benchmarks.report --device cuda --size full --only "$fam" $compile_flag \
-      --json "/tmp/tsparse_bench/$fam.json" >> "$OUT/bench.txt" 2>&1
-    rc=$?
-    (( rc != 0 )) && { say "  $fam exited with $rc (see bench.txt)"; rc_bench=$rc; }
-  done
-  "$PY" - "$OUT/report.json" /tmp/tsparse_bench/*.json <<'PY'
-import json, sys
-merged = None
-for path in sys.argv[2:]:
-    with open(path) as f:
-        d = json.load(f)
-    if merged is None:
-        merged = d
-    else:
-        merged["rows"] += d["rows"]
-if merged is not None:
-    with open(sys.argv[1], "w") as f:
-        json.dump(merged, f, indent=2)
-PY
-fi
+run_ncu() {
+  local t s rc
+  t=$(budget "$1")
+  if ! command -v ncu > /dev/null; then record ncu 0 0 0 "not installed"; say "ncu not found"; return; fi
+  if (( t < 20 )); then record ncu "$t" 0 0 "skipped (deadline)"; say "ncu skipped (deadline)"; return; fi
+  say "ncu on tsparse kernels (limit ${t}s, at most $NCU_LAUNCHES launches)"
+  s=$(date +%s)
+  NCU_LAUNCHES=$NCU_LAUNCHES timeout -s INT -k 10 "$t" bash profiling/run_ncu.sh "$OUT/ncu.csv" 2>&1 | tee -a "$summary"
+  rc=${PIPESTATUS[0]}
+  record ncu "$t" $(( $(date +%s) - s )) "$rc" "$([[ $rc == 0 ]] && echo ok || echo "rc $rc")"
+}
 
-# ---- Nsight Compute: one launch of each kernel at realistic shapes ------------------------
-if want ncu; then
-  t=$(budget "$NCU_TIMEOUT")
-  if ! command -v ncu > /dev/null; then
-    say "ncu not found: skipped"
-  elif (( t < 20 )); then
-    say "ncu skipped (deadline)"
-  else
-    say "ncu (timeout ${t}s)"
-    timeout "$t" bash profiling/run_ncu.sh "$OUT/ncu.csv" 2>&1 | tee -a "$summary"
-    rc_ncu=${PIPESTATUS[0]}
-  fi
-fi
+for p in "${PHASES[@]}"; do
+  name=${p%:*}; lim=${p##*:}
+  [[ $name == build ]] && continue
+  if ! wanted "$name"; then record "$name" 0 0 0 skipped; continue; fi
+  case $name in
+    bench:*) run_bench "${name#bench:}" "$lim" ;;
+    tests) run_tests "$lim" ;;
+    sanitizer) run_sanitizer "$lim" ;;
+    ncu) run_ncu "$lim" ;;
+  esac
+done
 
-# ---- optional: sparse prefill on a 7B-shaped random model ---------------------------------
 if [[ " $EXTRA " == *" prefill7b "* ]]; then
-  t=$(budget "$PREFILL7B_TIMEOUT")
-  say "prefill7b: 7B-shaped random Qwen2.5-VL, prefill vs keep ratio (timeout ${t}s)"
-  timeout "$t" "$PY" -m benchmarks.bench_sparse_prefill --size 7b --device cuda \
-    --json "$OUT/prefill7b.json" 2>&1 | tee -a "$summary"
-  rc_prefill=${PIPESTATUS[0]}
-  say "prefill7b rc=$rc_prefill"
+  t=$(budget 180); s=$(date +%s)
+  say "prefill7b (limit ${t}s)"
+  timeout -s INT -k 10 "$t" "$PY" -m benchmarks.bench_sparse_prefill --size 7b --device cuda --json "$OUT/prefill7b.json" >> "$OUT/bench.txt" 2>&1
+  rc=$?
+  record prefill7b "$t" $(( $(date +%s) - s )) "$rc" "$([[ $rc == 0 ]] && echo ok || echo "rc $rc")"
 fi
 
-say "done: tests rc=$rc_tests sanitizer rc=$rc_san bench rc=$rc_bench ncu rc=$rc_ncu prefill7b rc=$rc_prefill"
-echo
-# The benchmark tables (one per family) close the summary.
-[ -s "$OUT/bench.txt" ] && sed -n '/^op /,/^JSON/p' "$OUT/bench.txt" | grep -v "^JSON" | tee -a "$summary"
-exit $(( rc_tests != 0 || rc_san != 0 || rc_bench != 0 || rc_prefill != 0 ))
+# ---- one results file ------------------------------------------------------------------------
+"$PY" profiling/device_results.py --out "$OUT/results.json" --bench "$BENCH_DIR"/*.json \
+  --junit "$OUT/tests-junit.xml" --tests-log "$OUT/tests.jsonl" --sanitizer "$OUT/sanitizer.log" \
+  --ncu "$OUT/ncu.csv" --phases "$phase_log" 2>&1 | tee -a "$summary"
+say "done (status $status)"
+[ -s "$OUT/bench.txt" ] && sed -n '/^op /,/^JSON/p' "$OUT/bench.txt" | grep -v "^JSON" >> "$summary"
+exit $status

@@ -15,13 +15,17 @@ machine without a GPU the script runs the same calls on the CPU (useful to check
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
-import torch
+# this checkout's tsparse, not another one an environment may have installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import tsparse
-from tsparse.ops import (
+import torch  # noqa: E402
+
+import tsparse  # noqa: E402
+from tsparse.ops import (  # noqa: E402
     box_to_patch_mask,
     fuse_tokens,
     fused_linear_grpo_loss,
@@ -67,8 +71,18 @@ def visual_token_cases(device: torch.device, small: bool) -> list[Case]:
     mask_grid = torch.tensor([[1, side, side]] * (4 * images))
     mask_boxes = torch.rand(4 * images, 4, device=device) * 0.5
     mask_boxes[:, 2:] += 0.5
+    mask_offsets = torch.arange(4 * images + 1)
+    mask_tokens = 4 * images * (side // 2) ** 2
+    # segments around and far past the 32-member pieces (segment_pieces_kernel), and one past the rows
+    seg_lengths = [0, 1, 31, 33, 70, 300 if small else 3000, 5]
+    seg_perm = torch.randint(0, n, (sum(seg_lengths),), device=device)
+    seg_offsets = torch.tensor([0] + torch.tensor(seg_lengths).cumsum(0).tolist(), device=device)
     return [
-        ("box_to_patch_mask", lambda: box_to_patch_mask(mask_boxes, torch.arange(4 * images + 1), mask_grid)),
+        ("box_to_patch_mask", lambda: box_to_patch_mask(mask_boxes, mask_offsets, mask_grid)),
+        ("box_to_patch_mask (metadata on the device)",
+         lambda: box_to_patch_mask(mask_boxes, mask_offsets.to(device), mask_grid.to(device), num_tokens=mask_tokens)),
+        ("segment sums with long segments",
+         lambda: torch.ops.tsparse.segment_reduce_rows(x.detach(), seg_perm, seg_offsets, True)),
         ("gather_tokens fwd+bwd", gather_fwd_bwd),
         ("gather_tokens duplicates bwd", gather_dup_bwd),
         ("scatter_tokens fill", lambda: scatter_tokens(src, index, n, fill=x.detach())),
@@ -94,7 +108,15 @@ def varlen_cases(device: torch.device, small: bool) -> list[Case]:
         p.values.backward(torch.ones_like(p.values))
 
     p = pack_varlen(x.detach(), mask, keep=keep, total=total, max_seqlen=longest)
+    # a row of three 512-token chunks and five position rows (the pack kernel's fallback loop)
+    lm = 1100
+    m2 = torch.ones(2, lm, dtype=torch.bool, device=device)
+    m2[1, 900:] = False
+    ids2 = torch.randint(0, 152064, (2, lm), device=device)
+    pos2 = torch.randint(0, 4096, (5, 2, lm), device=device)
     return [
+        ("pack_batch 3 chunks, 5 position rows",
+         lambda: pack_batch(ids2, m2, pos2, total=2000, max_seqlen=lm)),
         ("pack_varlen fwd+bwd", pack_fwd_bwd),
         ("unpack_varlen", lambda: unpack_varlen(p.values, p.indices, b, l)),
         ("pack_batch", lambda: pack_batch(ids, mask, pos, keep=keep, total=total, max_seqlen=longest,
@@ -130,9 +152,26 @@ def grpo_cases(device: torch.device, small: bool) -> list[Case]:
                                      stream=stream[:tl], stream_weights=[1.0, 1.0])
         res.loss.backward()
 
+    # The single-read cluster kernel: at the realistic shape 4 CTAs per row; the small shape adds
+    # rows of 40,000 logits (2-CTA clusters: distributed shared memory between CTAs) and a
+    # non-unit upstream gradient (the scale kernel's pass), in place.
+    tw, vw = (3, 40000) if small else (t, v)
+    wide = logits if not small else torch.randn(tw, vw, device=device).to(torch.bfloat16).requires_grad_()
+    tgt_w = targets if not small else torch.randint(0, vw, (tw,), device=device)
+
+    def single_read_fwd_bwd():
+        res = grpo_loss(logits, targets, old, adv, mask, ref_logp=ref_logp, kl_coef=0.01, entropy_coef=0.001,
+                        stream=stream, stream_weights=[1.0, 1.0], impl="single_read")
+        res.loss.backward()
+        y = wide * 1
+        res = grpo_loss(y, tgt_w, old[:tw], adv[:tw], mask[:tw], entropy_coef=0.001, impl="single_read",
+                        inplace_backward=True)
+        (res.loss * 2.0).backward()
+
     return [
         ("logprobs fwd+bwd (entropy)", logprobs_fwd_bwd),
         ("grpo_loss fwd+bwd (2 streams, KL, entropy)", grpo_fwd_bwd),
+        ("grpo_loss single_read fwd+bwd (cluster kernel)", single_read_fwd_bwd),
         ("fused_linear_grpo_loss fwd+bwd", fused_linear_fwd_bwd),
     ]
 

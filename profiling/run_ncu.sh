@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Nsight Compute over every tsparse kernel at realistic shapes (profiling/kernel_cases.py):
-# one launch of each, clocks left alone (--clock-control none: the boost clocks a real run
-# gets), the metrics profiling/ncu_summary.py reads, CSV to $1 (default ncu.csv).
+# Nsight Compute over tsparse's kernels only, at realistic shapes (profiling/kernel_cases.py --mode
+# ncu: a warm-up, then one call of every op between cudaProfilerStart/Stop): kernels whose
+# demangled name contains "tsparse::", at most NCU_LAUNCHES of them (default 40), clocks left
+# alone (--clock-control none: the boost clocks a real run gets), the metrics
+# profiling/ncu_summary.py reads. CSV to $1 (default ncu.csv), then the summary table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-ncu.csv}
 PY=${PYTHON:-python3}
+launches=${NCU_LAUNCHES:-40}
 metrics=$("$PY" -c "import sys; sys.path.insert(0, 'profiling'); import ncu_summary as s; print(','.join(s.METRICS))")
-# Our kernels, plus cuBLAS GEMMs (the fusion's similarity matmul) for comparison.
-regex='regex:(compose|segment_reduce|row_inv_norms|build_inverse|box_mask|seqlens|scan_kernel|pack_kernel|logprobs_|grpo_token|gemm|Kernel|sm90)'
 ncu --clock-control none --target-processes all --profile-from-start off \
-    --kernel-name "$regex" --metrics "$metrics" --csv --page raw \
+    --kernel-name-base demangled --kernel-name "regex:tsparse::" --launch-count "$launches" \
+    --metrics "$metrics" --csv --page raw \
     "$PY" profiling/kernel_cases.py --mode ncu > "$out" 2> /tmp/tsparse_ncu.err
 rc=$?
 tail -5 /tmp/tsparse_ncu.err

@@ -106,7 +106,8 @@ def test_load_vitar_json_drop_invalid_boxes_and_file_errors(tmp_path):
     f = tmp_path / "d.json"
     f.write_text(json.dumps([{"image_path": ["ok.png"], "question": "q", "answer": "A",
                               "bbox": [[10, 20, 300, 400], [0.1, 0.1, 0.2, 0.2]]}]))
-    assert load_vitar_json(f, invalid_boxes="drop")[0].boxes == ((0.1, 0.1, 0.2, 0.2),)
+    with pytest.warns(UserWarning, match=r"dropped 1 invalid box\(es\) in 1 of 1 records: 'd_0' \(bbox\[0\]"):
+        assert load_vitar_json(f, invalid_boxes="drop")[0].boxes == ((0.1, 0.1, 0.2, 0.2),)
     with pytest.raises(FileNotFoundError, match="path"):
         load_vitar_json(tmp_path / "nope.json")
     (tmp_path / "obj.json").write_text("{}")

@@ -46,7 +46,7 @@ def _dense_positions(model, b):
 
 
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("fuse", [True, False, "nearest_kept", "summary"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_full_image_box_reproduces_the_dense_forward(tiny_vl, synthetic_samples, fuse, padding_side):
     model, proc = tiny_vl
@@ -196,6 +196,83 @@ def test_fusion_places_the_fused_rows(tiny_vl, synthetic_samples):
     again = sparse_stream_inputs(model, b["input_ids"], b["attention_mask"], b["image_grid_thw"], boxes,
                                  image_embeds=feats)
     torch.testing.assert_close(again.inputs_embeds, fused.inputs_embeds, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["nearest_kept", "summary"])
+def test_named_fusion_methods_place_their_rows(tiny_vl, synthetic_samples, method):
+    """nearest_kept and summary through sparse_stream_inputs: the embeddings at the image
+    columns are select_visual_tokens' rows for that method; with summary the boxes' own tokens
+    are bit-identical to the unfused ones and one extra token per image carries the mean of the
+    dropped tokens."""
+    model, proc = tiny_vl
+    b = _batch(proc, synthetic_samples["one"][:2])
+    boxes = [[(0.2, 0.2, 0.6, 0.6)], [(0.5, 0.0, 1.0, 0.4)]]
+    sp = _sparse(model, b, boxes, fuse=method)
+    plain = _sparse(model, b, boxes, fuse="none")
+    assert PruningConfig(fuse=method).fuse == method
+    with torch.no_grad():
+        feats = torch.cat(model.model.get_image_features(b["pixel_values"], b["image_grid_thw"]).pooler_output)
+    box_t = torch.tensor([boxes[0][0], boxes[1][0]])
+    ref = select_visual_tokens(feats, box_t, torch.tensor([0, 1, 2]), b["image_grid_thw"], fuse=method)
+    img = (sp.input_ids == model.config.image_token_id) & sp.attention_mask.bool()
+    torch.testing.assert_close(sp.inputs_embeds[img], ref.embeds, rtol=0, atol=0)
+    assert torch.equal(sp.visual_keep, ref.keep)
+    if method == "nearest_kept":
+        assert torch.equal(sp.kept_counts, plain.kept_counts) and torch.equal(sp.input_ids, plain.input_ids)
+        return
+    # summary: one more token per image than the plain selection, the rest unmixed
+    assert (sp.kept_counts == plain.kept_counts + 1).all()
+    assert sp.keep_ratio > plain.keep_ratio
+    per_image = torch.split(feats, sp.total_counts.tolist())
+    keeps = torch.split(sp.visual_keep, sp.total_counts.tolist())
+    plain_keeps = torch.split(plain.visual_keep, plain.total_counts.tolist())
+    for row in range(2):
+        real = sp.attention_mask[row].bool()
+        cols = real & (sp.input_ids[row] == model.config.image_token_id)
+        emb = sp.inputs_embeds[row, cols]
+        extra = (keeps[row] & ~plain_keeps[row]).nonzero().reshape(-1)
+        assert extra.numel() == 1
+        kept_rows = keeps[row].nonzero().reshape(-1)
+        slot = int((kept_rows == extra[0]).nonzero())
+        box_rows = [i for i in range(kept_rows.numel()) if i != slot]
+        torch.testing.assert_close(emb[box_rows], per_image[row][kept_rows[box_rows]], rtol=0, atol=0)
+        torch.testing.assert_close(emb[slot], per_image[row][~plain_keeps[row]].mean(0), rtol=1e-6, atol=1e-6)
+
+
+def test_summary_token_position_follows_qwen2_5_vl_layout(tiny_vl, synthetic_samples):
+    """The summary token sits at the column of the image's dropped token nearest the centre and
+    carries that token's own get_rope_index position: (t, row, col) offsets of a real cell of the
+    image, distinct from every kept token's, and the text after the image keeps its positions."""
+    model, proc = tiny_vl
+    samples = synthetic_samples["one"][2:5]
+    b = _batch(proc, samples, suffixes=["", "zz", "a longer tail"])
+    boxes = [[(0.0, 0.0, 0.2, 0.2)], [(0.3, 0.3, 0.7, 0.7)], [(0.6, 0.55, 0.95, 0.9)]]
+    sp = _sparse(model, b, boxes, fuse="summary")
+    plain = _sparse(model, b, boxes, fuse="none")
+    pos, deltas = _dense_positions(model, b)
+    image_id = model.config.image_token_id
+    for row in range(3):
+        real = sp.attention_mask[row].bool()
+        src = sp.source_index[row, real]
+        assert torch.equal(sp.position_ids[:, row, real], pos[:, row, src])  # every column: its dense position
+        assert torch.equal(sp.rope_deltas, plain.rope_deltas - (sp.attention_mask.sum(1) - plain.attention_mask.sum(1))[:, None])
+        # the one extra column is an image column of this row
+        extra = sorted(set(src.tolist()) - set(plain.source_index[row][plain.attention_mask[row].bool()].tolist()))
+        assert len(extra) == 1 and int(b["input_ids"][row, extra[0]]) == image_id
+        img_cols = (b["input_ids"][row] == image_id) & b["attention_mask"][row].bool()
+        start_t, start_h, start_w = (pos[k, row, img_cols].min() for k in range(3))
+        t, h, w = (int(pos[k, row, extra[0]]) for k in range(3))
+        cell = (t - int(start_t), h - int(start_h), w - int(start_w))
+        # the dropped cell nearest the 8 x 8 image's centre (3.5, 3.5), ties: lowest raster index
+        dropped = [(r, c) for r in range(8) for c in range(8)
+                   if not any((c + 1) / 8 > x1 and c / 8 < x2 and (r + 1) / 8 > y1 and r / 8 < y2
+                              for x1, y1, x2, y2 in boxes[row])]
+        best = min(dropped, key=lambda rc: ((rc[0] - 3.5) ** 2 + (rc[1] - 3.5) ** 2, rc[0] * 8 + rc[1]))
+        assert cell == (0,) + best
+        kept_cells = {tuple(int(pos[k, row, c]) for k in range(3)) for c in src.tolist() if int(b["input_ids"][row, c]) == image_id}
+        assert len(kept_cells) == int(sp.kept_counts[row])  # all distinct, the summary's included
+    with torch.no_grad():  # and the model runs on it
+        assert torch.isfinite(model(**sp.model_inputs()).logits).all()
 
 
 def test_gradients_reach_the_vision_tower_and_embeddings(synthetic_samples):

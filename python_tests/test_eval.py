@@ -13,6 +13,7 @@ from tsparse.dualstream.config import load_method_config  # noqa: E402
 from tsparse.eval import (  # noqa: E402
     accuracy_by_dataset,
     evaluate,
+    format_ablation,
     format_markdown,
     load_eval_samples,
     main,
@@ -21,6 +22,10 @@ from tsparse.eval import (  # noqa: E402
     summarize,
 )
 from tsparse.infer import InferenceConfig, TokenSparseInference  # noqa: E402
+
+#: the default sparse mode's results file (its fusion method is the method config's default)
+FUSION = load_method_config().pruning.fuse
+SPARSE = f"sparse-oracle-{FUSION}"
 
 
 def _write(path, records):
@@ -176,19 +181,19 @@ def test_evaluate_resumes_matches_and_summarizes(tiny_vl, synthetic_samples, tmp
     s = evaluate(pipe, items, modes, out, warmup=False, **kw)
     assert sorted(pipe.seen) == sorted([it.sample.id for it in items[5:]] * 4)
     recs = {m: [json.loads(x) for x in (out / f"{m}.jsonl").read_text().splitlines()]
-            for m in ("dense", "sparse-oracle-fuse", "baseline-random-match", "baseline-fastv-match")}
+            for m in ("dense", SPARSE, "baseline-random-match", "baseline-fastv-match")}
     assert all(len(r) == 8 for r in recs.values())
-    sparse = {r["key"]: r["kept_tokens"] for r in recs["sparse-oracle-fuse"]}
+    sparse = {r["key"]: r["kept_tokens"] for r in recs[SPARSE]}
     for m in ("baseline-random-match", "baseline-fastv-match"):
         assert {r["key"]: r["kept_tokens"] for r in recs[m]} == sparse  # matched per image
-    assert all(r["keep_ratio"] < 1 for r in recs["sparse-oracle-fuse"])
+    assert all(r["keep_ratio"] < 1 for r in recs[SPARSE])
     # summary
     by = {m["slug"]: m for m in s["modes"]}
-    assert [m["slug"] for m in s["modes"]][:2] == ["dense", "sparse-oracle-fuse"]
+    assert [m["slug"] for m in s["modes"]][:2] == ["dense", SPARSE]
     assert by["dense"]["rel"] == 100.0 and by["dense"]["keep_ratio"] == 1.0 and by["dense"]["n"] == 8
     kept = sum(sum(v) for v in sparse.values())
-    assert by["sparse-oracle-fuse"]["keep_ratio"] == pytest.approx(kept / (8 * 64))
-    assert by["baseline-fastv-match"]["keep_ratio"] == by["sparse-oracle-fuse"]["keep_ratio"]
+    assert by[SPARSE]["keep_ratio"] == pytest.approx(kept / (8 * 64))
+    assert by["baseline-fastv-match"]["keep_ratio"] == by[SPARSE]["keep_ratio"]
     for m in s["modes"]:
         correct = sum(r["correct"] for r in recs[m["slug"]])
         assert m["micro"] == pytest.approx(correct / 8)
@@ -225,7 +230,7 @@ def test_match_needs_the_sparse_run(tiny_vl, synthetic_samples, tmp_path):
     # listed after the baseline, the sparse mode still runs first
     s = evaluate(pipe, items, ["baseline:pool", "sparse"], tmp_path / "m", model_name="tiny", data_path=str(data),
                  progress=False, warmup=False, log=lambda s: None)
-    assert [m["slug"] for m in s["modes"]] == ["sparse-oracle-fuse", "baseline-pool-match"]
+    assert [m["slug"] for m in s["modes"]] == [SPARSE, "baseline-pool-match"]
     s = evaluate(pipe, items, ["baseline:pool"], tmp_path / "o", model_name="tiny", data_path=str(data),
                  keep_ratio=0.25, progress=False, log=lambda s: None)
     (m,) = s["modes"]
@@ -241,10 +246,114 @@ def test_cli_embedded_default(tmp_path, monkeypatch, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "embedded default" in out and "| dense | 3 | 1.000 |" in out
-    assert "| sparse (oracle boxes, fusion) | 3 |" in out and "baseline:divprune (keep matched)" in out
+    assert f"| sparse (oracle boxes, fusion {FUSION}) | 3 |" in out and "baseline:divprune (keep matched)" in out
     s = json.loads((tmp_path / "res" / "summary.json").read_text())
     assert [m["n"] for m in s["modes"]] == [3, 3, 3]
     assert s["modes"][1]["keep_ratio"] < 1 and s["modes"][1]["settings"]["boxes"] == "oracle"
     assert (tmp_path / "cache" / "synthetic_scans").is_dir()
     rc = main(["--score", str(next((tmp_path / "cache").rglob("val.json")))])
     assert rc == 0 and '"missing": 3' in capsys.readouterr().out  # the data file has no responses
+
+
+# --------------------------------------------------------------------------------------
+# The paper's quantities: sequence length ratio and end-to-end cost, from known token counts
+def _record(key, *, kept, visual, prompt, dense_prompt, loc_prompt=0, loc_new=0, correct=True, batch="s-0",
+            timings=None, mode="sparse", boxes=(), box_iou=None):
+    t = {"preprocess_ms": 1.0, "vision_ms": 1.0, "localize_ms": 0.0, "localize_prefill_ms": 0.0, "prune_ms": 0.0,
+         "prefill_ms": 2.0, "decode_ms": 4.0, "total_ms": 8.0}
+    t.update(timings or {})
+    r = {"key": key, "dataset": "d", "subset": None, "gt": "A", "correct": correct, "prediction": "A",
+         "status": "answered", "batch_id": batch, "id": key, "mode": mode, "response": "", "answer": "A",
+         "choice": "A", "boxes": list(boxes), "box_source": "generated" if loc_new else None, "box_reason": None,
+         "keep_ratio": kept / visual, "kept_tokens": [kept], "visual_tokens": [visual], "fallback": [False],
+         "prompt_tokens": prompt, "new_tokens": 3, "timings": t, "batch": 0, "batch_size": 1,
+         "dense_prompt_tokens": dense_prompt, "localization_prompt": "full" if loc_new else None,
+         "localization_prompt_tokens": loc_prompt, "localization_new_tokens": loc_new}
+    if box_iou is not None:
+        r["box_iou"] = box_iou
+    return r
+
+
+def _write_run(out, slug, settings, records):
+    (out / f"{slug}.run.json").write_text(json.dumps(settings))
+    (out / f"{slug}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_sequence_length_ratio_and_end_to_end_cost_from_known_counts(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    # dense: 2 samples of 100 visual + 50 text tokens = 150 prompt tokens; 8 ms end to end each
+    _write_run(out, "dense", {"mode": "dense", "data": "x"}, [
+        _record("0", kept=100, visual=100, prompt=150, dense_prompt=150, batch="s-0", mode="dense"),
+        _record("1", kept=100, visual=100, prompt=150, dense_prompt=150, batch="s-1", mode="dense")])
+    # sparse: 20 and 40 visual tokens kept (keep 0.3); prompts 70 and 90 of 150 (seq len 160 / 300);
+    # the localization stream: 200-token prompts, 30 and 10 generated tokens; 16 ms end to end per sample
+    loc = {"localize_ms": 6.0, "localize_prefill_ms": 2.0, "total_ms": 16.0}
+    _write_run(out, "sparse-generated-summary", {"mode": "sparse", "data": "x", "boxes": "generated",
+                                                 "fuse": "summary", "localization_prompt": "full"}, [
+        _record("0", kept=20, visual=100, prompt=70, dense_prompt=150, loc_prompt=200, loc_new=30, batch="t-0",
+                timings=loc, box_iou=0.5),
+        _record("1", kept=40, visual=100, prompt=90, dense_prompt=150, loc_prompt=200, loc_new=10, batch="t-1",
+                timings=loc, correct=False, box_iou=0.25)])
+    s = summarize(out)
+    dense, sparse = s["modes"]
+    assert dense["seq_len_ratio"] == 1.0 and dense["e2e_speedup"] == 1.0 and dense["localization_new_tokens_mean"] == 0
+    assert sparse["keep_ratio"] == pytest.approx(60 / 200)
+    assert sparse["seq_len_ratio"] == pytest.approx(160 / 300)
+    assert sparse["prompt_tokens"] == 160 and sparse["dense_prompt_tokens"] == 300
+    assert sparse["localization_new_tokens_mean"] == 20 and sparse["localization_prompt_tokens_mean"] == 200
+    assert sparse["localization_ms_per_sample"] == 6.0 and sparse["box_iou"] == pytest.approx(0.375)
+    assert sparse["e2e_ms_per_sample"] == 16.0 and sparse["e2e_speedup"] == pytest.approx(0.5)  # slower than dense
+    assert sparse["prefill_speedup"] == pytest.approx(1.0)  # the prefill alone would have said "no loss"
+    assert sparse["rel"] == pytest.approx(50.0)
+    md = format_markdown(s)
+    assert "| dense | 2 | 1.000 | 1.000 |" in md
+    assert "| sparse (generated boxes, fusion summary) | 2 | 0.300 | 0.533 | 50.0 | 50.0 | 50.0% | 2.00 | 1.00x | 20.0 | 16.00 | 0.50x |" in md
+    ab = format_ablation(s, by="fuse")
+    assert "| dense | 2 | 100.0 | 100.0% | 1.000 | 1.000 | 0.0 | 0.00 | - | 8.00 | 1.000 |" in ab
+    assert "| summary | 2 | 50.0 | 50.0% | 0.300 | 0.533 | 20.0 | 6.00 | 0.375 | 16.00 | 2.000 |" in ab
+    assert "| full | 2 |" in format_ablation(s, by="localization_prompt")
+    with pytest.raises(ValueError, match="`by`"):
+        format_ablation(s, by="mode")
+
+
+def test_fusion_ablation_runs_each_method(tiny_vl, synthetic_samples, tmp_path):
+    model, proc = tiny_vl
+    data = _eval_file(tmp_path, synthetic_samples)
+    pipe = TokenSparseInference(model, proc, method=load_method_config(),
+                                config=InferenceConfig(boxes="oracle", answer="choice", batch_size=4))
+    items = load_eval_samples(data, limit=3)
+    methods = ["none", "cosine_mean", "nearest_kept", "summary"]
+    s = evaluate(pipe, items, ["dense", "sparse"], tmp_path / "a", model_name="tiny", data_path=str(data),
+                 progress=False, warmup=False, fusions=methods, log=lambda s: None)
+    assert pipe.config.fuse is None  # restored
+    by = {m["slug"]: m for m in s["modes"]}
+    assert sorted(by) == sorted(["dense"] + [f"sparse-oracle-{m}" for m in methods])
+    kept = {m: by[f"sparse-oracle-{m}"]["kept_tokens"] for m in methods}
+    assert kept["none"] == kept["cosine_mean"] == kept["nearest_kept"] == kept["summary"] - 3  # + 1 per image
+    for m in methods:
+        row = by[f"sparse-oracle-{m}"]
+        assert row["settings"]["fuse"] == m and 0 < row["seq_len_ratio"] < 1 and row["e2e_speedup"] > 0
+    table = format_ablation(s)
+    assert [line.split(" | ")[0][2:] for line in table.splitlines()[2:]] == ["dense"] + sorted(methods)
+
+
+def test_cli_fusion_and_localization_prompt_tables(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TSPARSE_CACHE", str(tmp_path / "cache"))
+    rc = main(["--limit", "2", "--fusion", "none,summary", "--out", str(tmp_path / "f"), "--no-progress",
+               "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "Fusion ablation" in out and "| summary | 2 |" in out and "| none | 2 |" in out
+    rc = main(["--limit", "2", "--localization-prompt", "full,box_only", "--localization-max-new-tokens", "4",
+               "--out", str(tmp_path / "l"), "--no-progress", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "Localization prompts" in out and "| box_only | 2 |" in out and "| full | 2 |" in out
+    s = json.loads((tmp_path / "l" / "summary.json").read_text())
+    loc = [m for m in s["modes"] if m["mode"] == "sparse"]
+    assert {m["settings"]["localization_prompt"] for m in loc} == {"full", "box_only"}
+    assert all(0 < m["localization_new_tokens_mean"] <= 4 for m in loc)
+    capsys.readouterr()
+    for bad, flag in ((["--fusion", "mean"], "--fusion"), (["--localization-prompt", "short"], "--localization-prompt")):
+        assert main(bad + ["--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag in err[0] and "Traceback" not in err[0]

@@ -18,7 +18,14 @@ pytest.importorskip("transformers")
 from tsparse.dualstream.config import load_method_config  # noqa: E402
 from tsparse.dualstream.data import build_messages, load_images  # noqa: E402
 from tsparse.dualstream.format import format_localization_response  # noqa: E402
-from tsparse.infer import InferenceConfig, TokenSparseInference, main, parse_mode  # noqa: E402
+from tsparse.infer import (  # noqa: E402
+    InferenceConfig,
+    LocalizationPrompt,
+    TokenSparseInference,
+    load_eval_config,
+    main,
+    parse_mode,
+)
 from tsparse.ops import box_to_patch_mask  # noqa: E402
 
 
@@ -77,6 +84,115 @@ def test_generated_localization_is_parsed_and_prunes(tiny_vl, synthetic_samples)
     dense = _pipe(tiny_vl, mode="dense").run_batch(samples)
     for r, d in zip(res, dense):
         assert d.prompt_tokens - r.prompt_tokens == 64 - r.kept_tokens[0]
+
+
+def _forced(proc, texts):
+    from transformers import LogitsProcessorList
+
+    rows = [proc.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    eos = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return rows, {"logits_processor": LogitsProcessorList([ForceResponse(rows, eos)])}
+
+
+def _loc_prompt_tokens(proc, samples, stream_prompt, prefix=""):
+    texts = [proc.apply_chat_template(build_messages(s, stream_prompt)) + prefix for s in samples]
+    enc = proc(texts, [load_images(s) for s in samples], padding_side="left")
+    return enc["attention_mask"].sum(1).tolist()
+
+
+def test_box_only_prompt_stops_at_the_box_and_counts_tokens(tiny_vl, synthetic_samples):
+    """The same forced localization through the full prompt (until EOS) and the box-only prompt
+    (begun with <box>, stopped at </box>): same boxes, same pruning, and the token counts are
+    exactly those of the texts generated and of the two prompts."""
+    model, proc = tiny_vl
+    samples = synthetic_samples["one"][:2]
+    boxes = [[(0.1, 0.2, 0.45, 0.5)], [(0.6, 0.6, 0.9, 0.95), (0.0, 0.0, 0.2, 0.2)]]
+    full_texts = [format_localization_response("a long rationale", boxes[0], "B"),
+                  format_localization_response("y", boxes[1], "A")]
+    rows, kw = _forced(proc, full_texts)
+    full = _pipe(tiny_vl, mode="sparse", boxes="generated").run_batch(samples, localization_generate_kwargs=kw)
+    # after "<box>" the model is forced to write the rest of the same response
+    tails = [t[t.index("<box>") + len("<box>"):] for t in full_texts]
+    tail_rows, kw2 = _forced(proc, tails)
+    cfg = dict(mode="sparse", boxes="generated", localization_prompt="box_only",
+               localization_prompts=load_eval_config()["inference"].localization_prompts)
+    short = _pipe(tiny_vl, **cfg).run_batch(samples, localization_generate_kwargs=kw2)
+    named = cfg["localization_prompts"]["box_only"]
+    method_prompt = load_method_config().prompts.localization
+    want_full = _loc_prompt_tokens(proc, samples, method_prompt)
+    want_short = _loc_prompt_tokens(proc, samples, named.stream_prompt(method_prompt), "<box>")
+    for i, (f, b) in enumerate(zip(full, short)):
+        assert f.localization == full_texts[i] and f.localization_prompt == "full"
+        assert f.localization_new_tokens == len(rows[i]) + 1  # the response and EOS
+        upto = tails[i][: tails[i].index("</box>") + len("</box>")]
+        assert b.localization == "<box>" + upto and b.localization_prompt == "box_only"
+        assert b.localization_new_tokens == len(proc.tokenizer(upto, add_special_tokens=False)["input_ids"])
+        assert b.localization_new_tokens < f.localization_new_tokens
+        assert f.boxes == b.boxes and f.kept_tokens == b.kept_tokens and b.box_reason is None
+        assert f.localization_prompt_tokens == want_full[i] and b.localization_prompt_tokens == want_short[i]
+    # a stop string that spans several tokens, over the method's own prompt (system/user inherited)
+    custom = {"until_brackets": {"response_prefix": "<box>", "stop": "]]"}}
+    res = _pipe(tiny_vl, mode="sparse", boxes="generated", localization_prompt="until_brackets",
+                localization_prompts=custom).run_batch(samples, localization_generate_kwargs=kw2)
+    for i, r in enumerate(res):
+        upto = tails[i][: tails[i].index("]]") + 2]
+        assert r.localization == "<box>" + upto and r.boxes == full[i].boxes
+        assert r.localization_new_tokens == len(proc.tokenizer(upto, add_special_tokens=False)["input_ids"])
+        assert r.localization_prompt_tokens == want_full[i] + 1  # the prefix is one token
+
+
+@pytest.mark.parametrize("fuse", ["none", "cosine_mean", "nearest_kept", "summary"])
+def test_prompt_and_dense_prompt_tokens(tiny_vl, synthetic_samples, fuse):
+    samples = synthetic_samples["one"][:3]
+    dense = _pipe(tiny_vl, mode="dense").run_batch(samples)
+    res = _pipe(tiny_vl, mode="sparse", boxes="oracle", fuse=fuse).run_batch(samples)
+    for r, d in zip(res, dense):
+        assert d.prompt_tokens == d.dense_prompt_tokens == r.dense_prompt_tokens
+        assert r.prompt_tokens == r.dense_prompt_tokens - sum(r.visual_tokens) + sum(r.kept_tokens)
+        assert r.localization_prompt is None and r.localization_new_tokens == 0 == r.localization_prompt_tokens
+        assert r.kept_tokens[0] == d.visual_tokens[0] * r.keep_ratio
+    plain = _pipe(tiny_vl, mode="sparse", boxes="oracle", fuse="none").run_batch(samples)
+    extra = 1 if fuse == "summary" else 0  # the summary token is a kept token
+    assert [r.kept_tokens[0] for r in res] == [p.kept_tokens[0] + extra for p in plain]
+
+
+def test_inference_config_fusion_and_localization_prompts():
+    assert InferenceConfig(fuse=True).fuse == "cosine_mean" and InferenceConfig(fuse=False).fuse == "none"
+    assert InferenceConfig().fuse is None and InferenceConfig(baseline_fuse=False).baseline_fuse == "none"
+    assert InferenceConfig(fuse="summary", baseline_fuse="nearest_kept").baseline_fuse == "nearest_kept"
+    with pytest.raises(ValueError, match="`fuse` must be one of"):
+        InferenceConfig(fuse="mean")
+    with pytest.raises(ValueError, match="`localization_prompt` must be one of"):
+        InferenceConfig(localization_prompt="box_only")  # not defined in this config
+    with pytest.raises(ValueError, match="'full' is the method config's own prompt"):
+        InferenceConfig(localization_prompts={"full": {}})
+    with pytest.raises(ValueError, match=r"`localization_prompts.x`: unknown key\(s\) \['stopp'\]"):
+        InferenceConfig(localization_prompts={"x": {"stopp": "]"}})
+    with pytest.raises(ValueError, match="`localization_prompts.x`: `stop` '<' occurs in `response_prefix`"):
+        InferenceConfig(localization_prompts={"x": {"response_prefix": "<box>", "stop": "<"}})
+    with pytest.raises(ValueError, match="`user` must be null or a str containing"):
+        LocalizationPrompt(user="no placeholder")
+    with pytest.raises(ValueError, match="`max_new_tokens` must be a positive int"):
+        LocalizationPrompt(max_new_tokens=0)
+    cfg = load_eval_config()["inference"]
+    assert cfg.localization_prompt == "full" and cfg.named_localization_prompt() is None
+    box = cfg.named_localization_prompt("box_only")
+    assert box.response_prefix == "<box>" and box.stop == "</box>" and "no reasoning" in box.system
+    assert box.max_new_tokens == 128
+    stop = cfg.named_localization_prompt("box_stop")
+    assert stop.system is None and stop.user is None and stop.response_prefix == "" and stop.stop == "</box>"
+
+
+def test_localization_prompt_token_cap(tiny_vl, synthetic_samples):
+    """A prompt's max_new_tokens caps the localization stream (forced to write 20 tokens, no EOS)."""
+    _, proc = tiny_vl
+    samples = synthetic_samples["one"][:2]
+    _, kw = _forced(proc, ["x" * 20] * 2)
+    prompts = {"capped": {"max_new_tokens": 5}}
+    for limit, want in ((12, 5), (3, 3), (40, 5)):
+        res = _pipe(tiny_vl, mode="sparse", boxes="generated", localization_prompt="capped", localization_prompts=prompts,
+                    localization_max_new_tokens=limit).run_batch(samples, localization_generate_kwargs=kw)
+        assert [r.localization_new_tokens for r in res] == [want, want] and res[0].localization == "x" * want
 
 
 def test_random_localization_falls_back_to_the_full_image(tiny_vl, synthetic_samples):
@@ -200,11 +316,22 @@ def test_cli(tiny_vl, synthetic_samples, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["kept_tokens"] == [32] and out["box_source"] == "given" and out["answer"] in s.options
+    # a named fusion method: the summary token makes it 33
+    rc = main(["--image", s.images[0], "--question", s.question, "--mode", "sparse", "--boxes",
+               "[[0.0, 0.0, 0.5, 1.0]]", "--answer", "choice", "--json", "--device", "cpu", "--fusion", "summary"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["kept_tokens"] == [33]
+    # the box-only localization prompt (the random model writes no box: full-image fallback)
+    rc = main(["--image", s.images[0], "--question", s.question, "--mode", "sparse", "--answer", "choice",
+               "--localization-prompt", "box_only", "--localization-max-new-tokens", "6", "--json", "--device", "cpu"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["localization_prompt"] == "box_only" and out["localization"].startswith("<box>")
+    assert 1 <= out["localization_new_tokens"] <= 6
+    assert main(["--localization-prompt", "nope", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--localization-prompt: unknown prompt 'nope'" in err[0]
 
 
 def test_eval_config_loads_and_rejects_unknown_keys(tmp_path):
-    from tsparse.infer import load_eval_config
-
     cfg = load_eval_config()
     assert cfg["inference"].answer == "generate" and cfg["eval"]["keep_ratio"] == "match"
     assert cfg["embedded"]["boxes"] == "oracle" and "baseline:fastv" in cfg["eval"]["modes"]

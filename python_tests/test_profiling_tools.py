@@ -37,6 +37,8 @@ def test_ncu_summary_parses_raw_csv():
 
 
 def test_kernel_cases_run_without_gpu():
+    # The child imports the tsparse of this checkout (not whichever one is installed).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     out = subprocess.run([sys.executable, os.path.join(ROOT, "profiling", "kernel_cases.py"), "--mode", "sanitize"],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, env=env).stdout
     assert "kernel_cases:" in out and "ran pack_batch" in out

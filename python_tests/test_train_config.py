@@ -105,8 +105,9 @@ def test_cli_reports_config_errors(capsys, tmp_path):
     assert "stages.sparse.stepz" in err and "error" in err
     assert cli_main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli_main([])  # --config is required
+    assert cli_main([]) == 2  # --config is required: one line, no usage block
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m tsparse.train: error: the following arguments are required: --config (see --help)"]
 
 
 def test_resume_without_a_checkpoint_is_an_error(capsys, tmp_path):

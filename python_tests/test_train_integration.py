@@ -264,3 +264,104 @@ def test_warmup_context_curriculum_and_sparse_context_jitter(pipeline, tmp_path)
     margins = [r.get("sft/context_margin") for r in recs]
     assert margins[:4] == [0.0, side / 4, side / 2, 3 * side / 4] and margins[4:] == [None] * 4
     assert all(math.isfinite(r["sft/loss"]) for r in recs) and summary["stages"]["warmup"]["steps"] == 8
+
+
+def _copy_checkpoints(pipeline, dest: Path, names, latest: str) -> Path:
+    import shutil
+
+    root = dest / "checkpoints"
+    root.mkdir(parents=True)
+    for n in names:
+        shutil.copytree(pipeline.out / "checkpoints" / n, root / n)
+    (root / "latest").write_text(latest + "\n")
+    return root
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_checkpoint_problems_are_found_from_sizes_and_headers(pipeline, tmp_path):
+    from tsparse.train.checkpoint import checkpoint_problem
+
+    root = _copy_checkpoints(pipeline, tmp_path, ["localization-final"], "localization-final")
+    ck = root / "localization-final"
+    assert checkpoint_problem(ck) is None
+    for rel in ("trainer_state.pt", "model/model.safetensors", "model/config.json"):
+        saved = (ck / rel).read_bytes()
+        _truncate(ck / rel)
+        assert rel in checkpoint_problem(ck)
+        (ck / "checkpoint.json").rename(ck / "checkpoint.json.off")  # a checkpoint without the size record
+        problem = checkpoint_problem(ck)
+        assert (problem is not None and rel.split("/")[-1] in problem) if rel != "model/config.json" else True
+        (ck / "checkpoint.json.off").rename(ck / "checkpoint.json")
+        (ck / rel).write_bytes(saved)
+    assert checkpoint_problem(ck) is None
+    (ck / "model" / "model.safetensors").unlink()
+    assert "model/model.safetensors is missing" in checkpoint_problem(ck)
+    assert checkpoint_problem(root / "nothere") == "the folder does not exist"
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_still_matches(pipeline, tmp_path, capsys):
+    """``latest`` names localization-final, whose trainer_state.pt was cut in half: --resume skips
+    it with a one-line warning naming it, resumes from localization-step000001, and ends with
+    exactly the parameters of the uninterrupted run (as a resume from that checkpoint did)."""
+    from tsparse.train.checkpoint import CheckpointWarning, load_latest
+
+    run = tmp_path / "run"
+    root = _copy_checkpoints(pipeline, run, ["warmup-final", "localization-step000001", "localization-final"],
+                             "localization-final")
+    _truncate(root / "localization-final" / "trainer_state.pt")
+    base = dict(pipeline.base)
+    base["output_dir"] = str(run)
+    base["stages"] = {**base["stages"], "run": ["warmup", "localization"]}
+    base["checkpoint"] = {"every": 0, "keep_last": 1}
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(base), encoding="utf-8")
+
+    with pytest.warns(CheckpointWarning, match=r"skipped localization-final \(trainer_state.pt .*\); "
+                                               r"resuming from localization-step000001"):
+        found = load_latest(run)
+    assert found[0] == root / "localization-step000001"
+    rc = cli_main(["--config", str(cfg_path), "--resume"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    warn = [line for line in err.splitlines() if "warning" in line]
+    assert len(warn) == 1 and "localization-final" in warn[0] and "trainer_state.pt" in warn[0], err
+    recs = read_jsonl(run / "metrics.jsonl")
+    assert [(r["stage"], r["step"], r["global_step"]) for r in recs] == [("localization", 2, WARMUP_STEPS + 2)]
+    assert _same(_saved_params(root / "localization-final"), _saved_params(pipeline.out / "checkpoints" /
+                                                                           "localization-final"))
+
+
+def test_resume_falls_back_when_latest_names_a_missing_folder_or_weights_are_cut(pipeline, tmp_path):
+    from tsparse.train.checkpoint import CheckpointWarning, find_latest, load_latest
+
+    run = tmp_path / "run"
+    root = _copy_checkpoints(pipeline, run, ["warmup-final", "localization-step000001", "localization-final"],
+                             "sparse-final")
+    with pytest.warns(CheckpointWarning, match=r"`latest` names 'sparse-final', which does not exist; "
+                                               r"resuming from localization-final"):
+        path, payload = load_latest(run)
+    assert path == root / "localization-final" and payload["state"]["stage_done"] is True
+    _truncate(root / "localization-final" / "model" / "model.safetensors")
+    with pytest.warns(CheckpointWarning, match=r"localization-final \(model/model.safetensors has \d+ bytes"):
+        path, _ = load_latest(run)
+    assert path == root / "localization-step000001" == find_latest(run)
+    for d in root.iterdir():
+        if d.is_dir():
+            _truncate(d / "trainer_state.pt")
+    with pytest.warns(CheckpointWarning, match="no complete checkpoint"):
+        assert load_latest(run) is None
+
+
+def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(pipeline, tmp_path, capsys):
+    run = tmp_path / "run"
+    root = _copy_checkpoints(pipeline, run, ["localization-step000001"], "localization-step000001")
+    _truncate(root / "localization-step000001" / "trainer_state.pt")
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump({**pipeline.base, "output_dir": str(run)}), encoding="utf-8")
+    assert cli_main(["--config", str(cfg_path), "--resume-from", str(root / "localization-step000001")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trainer_state.pt" in err[0] and "localization-step000001" in err[0]

@@ -158,6 +158,7 @@ def test_checkpoint_pruning_keeps_finals_and_latest(tmp_path):
     for name in ("localization-step000002", "localization-step000004", "localization-step000006",
                  "localization-final", "sparse-step000002"):
         (root / name / "model").mkdir(parents=True)
+        (root / name / "model" / "config.json").write_text("{}")  # find_latest wants a complete checkpoint
         torch.save({"state": {}}, root / name / ckpt.STATE_FILE)
     (root / "latest").write_text("localization-step000002\n")
     removed = ckpt.prune_checkpoints(root, "localization", keep_last=1)

@@ -296,7 +296,7 @@ def test_bad_inputs():
         unpack_varlen(torch.randn(2, 4), torch.tensor([0, 1]), -1, 3)
     with pytest.raises(ValueError, match="values"):
         unpack_varlen(torch.randn(3, 4), torch.tensor([0, 1]), 1, 3)
-    with pytest.raises(IndexError, match="index"):
+    with pytest.raises(IndexError, match="unpack_varlen: `indices`"):  # the caller's name, not the kernel's
         unpack_varlen(torch.randn(2, 4), torch.tensor([0, 9]), 2, 3)
 
 
@@ -315,5 +315,61 @@ def test_opcheck_varlen_ops(device):
         (torch.ops.tsparse.varlen_pack.default, (mask, keep, cu, total, ids, pos)),
         (torch.ops.tsparse.varlen_pack.default, (mask, keep, cu, total, None, None)),
         (torch.ops.tsparse.varlen_gather.default, (x, indices, inverse)),
+        (torch.ops.tsparse.varlen_gather.default, (x, indices, inverse, False)),
     ]:
         torch.library.opcheck(op, args)
+
+
+# --------------------------------------------------------------------------------------
+# Issue 12 step 4: the CUDA pack runs one block per (row, chunk of 512 tokens) and holds up to 4
+# position rows in registers (more take a fallback loop); both backends must agree with the
+# reference across chunk boundaries.
+@pytest.mark.parametrize("l", [511, 512, 513, 1100])
+@pytest.mark.parametrize("channels", [1, 4, 5])
+def test_pack_batch_across_chunks_matches_reference(device, l, channels):
+    b = 3
+    mask = random_mask(b, l, "mixed").to(device)
+    mask[0] = 1  # a full row: every chunk of it holds kept tokens
+    keep = random_keep(mask.cpu()).to(device)
+    ids = torch.randint(0, 152064, (b, l), device=device)
+    pos = torch.randint(0, 4096, (channels, b, l), device=device)
+    out = pack_batch(ids, mask, pos, keep=keep)
+    ids_r, pos_r, labels_r, idx_r, cu_r = ref.pack_batch_ref(ids, mask, pos, keep)
+    assert torch.equal(out.input_ids, ids_r) and torch.equal(out.labels, labels_r)
+    assert torch.equal(out.position_ids, pos_r)
+    assert torch.equal(out.indices, idx_r) and torch.equal(out.cu_seqlens, cu_r)
+    total = out.input_ids.shape[1]
+    indices, inverse, *_ = torch.ops.tsparse.varlen_pack(mask, keep, out.cu_seqlens, total, None, None)
+    expect = torch.full((b * l,), -1, dtype=torch.int32)
+    expect[idx_r.cpu()] = torch.arange(total, dtype=torch.int32)
+    assert torch.equal(indices, idx_r) and torch.equal(inverse.cpu(), expect)
+
+
+def test_varlen_gather_checks_only_a_callers_inverse():
+    # The raw op checks the values of a caller's `inverse` by default; pack_varlen / pack_batch
+    # pass varlen_pack's own (correct by construction) with check_inverse=False, which keeps the
+    # shape / dtype / device checks only.
+    x = torch.randn(4, 2)
+    idx = torch.tensor([0, 1])
+    wrong = torch.tensor([1, 0, -1, -1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="inverse"):
+        torch.ops.tsparse.varlen_gather(x, idx, wrong)
+    assert torch.equal(torch.ops.tsparse.varlen_gather(x, idx, wrong, False), x[[0, 1]])
+    with pytest.raises(ValueError, match="inverse"):
+        torch.ops.tsparse.varlen_gather(x, idx, torch.tensor([0, 1, -1], dtype=torch.int32), False)
+
+
+def test_pack_varlen_does_not_recheck_its_own_inverse():
+    # The value check is a handful of [B * L] / [nnz] ops (index_select, eq, ge, sum, all,
+    # logical_and); pack_varlen's own maps skip it.
+    mask = random_mask(4, 50, "mixed")
+    x = torch.randn(4, 50, 8, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        pack_varlen(x, mask)
+    names = {e.name for e in prof.events()}
+    assert "tsparse::varlen_gather" in names and "aten::logical_and" not in names
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        indices, inverse, *_ = torch.ops.tsparse.varlen_pack(mask, None, *torch.ops.tsparse.varlen_seqlens(mask, None)[1:],
+                                                             int(mask.sum()), None, None)
+        torch.ops.tsparse.varlen_gather(x.detach().reshape(200, 8), indices, inverse)
+    assert "aten::logical_and" in {e.name for e in prof.events()}  # the raw op's default does check

@@ -87,3 +87,32 @@ def test_wrong_inverse_is_a_device_error():
     # device assert (2.14 does); otherwise CUDA's "device-side assert triggered".
     out = r.stdout + r.stderr
     assert r.returncode != 0 and ("inverse" in out or "device-side assert" in out), out[-2000:]
+
+
+def test_multi_chunk_pack_makes_no_host_sync():
+    # L = 1100: three 512-token chunks per row, each its own block
+    mask, keep, ids, pos, x = _batch(b=8, l=1100, h=64)
+    kept = mask.bool() & keep
+    total, longest = int(kept.sum()), int(kept.sum(1).max())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = pack_batch(ids, mask, pos, keep=keep, total=total, max_seqlen=longest, inputs_embeds=x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert out.input_ids.shape == (1, total)
+
+
+@pytest.mark.parametrize("shift", [-1, 1])
+def test_multi_chunk_cu_seqlens_mismatch_is_a_device_error(shift):
+    # Row 0 spans three chunks; a cu_seqlens that moves its end by one must trap (the row's last
+    # chunk checks the count, every token checks its position), never write outside the outputs.
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import torch, tsparse
+        m = torch.ones(2, 1100, dtype=torch.bool, device="cuda")
+        cu = torch.tensor([0, 1100 + ({shift}), 2200], dtype=torch.int32, device="cuda")
+        torch.ops.tsparse.varlen_pack(m, None, cu, 2200, None, None)
+        torch.cuda.synchronize()
+    """)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "cu_seqlens" in r.stdout + r.stderr

@@ -232,11 +232,16 @@ def _lm_inputs(engine):
     return seen, lm.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def test_pruning_only_kept_tokens_reach_the_language_model(env):
+@pytest.mark.parametrize("fusion", [None, "none", "summary"])
+def test_pruning_only_kept_tokens_reach_the_language_model(env, fusion):
     """Flag on with pruning: the sparse samples' dropped visual tokens never reach the language
     model, the kept ones arrive exactly as the rollout built them (fused, original positions),
     and the engine's log-probs of each sparse response equal the rollout model's teacher-forced
-    log-probs on the pruned inputs - the policy trains on the tokens the rollout saw."""
+    log-probs on the pruned inputs - the policy trains on the tokens the rollout saw. For the
+    default fusion method (None: both sides' defaults, which must agree) and named ones given
+    to both the engine options and the rollout's pruning config."""
+    import dataclasses
+
     from tsparse.dualstream.config import load_method_config
     from tsparse.dualstream.models import build_tiny
     from tsparse.dualstream.pruning import extend_sparse_inputs, sparse_stream_inputs
@@ -249,9 +254,13 @@ def test_pruning_only_kept_tokens_reach_the_language_model(env):
     sparse_recs = res.stream(1)
     assert sparse_recs and all(r.boxes for r in sparse_recs)
     method = load_method_config()
+    options = {"impl_backend": "tsparse", "logprobs": False}
+    pruning = method.pruning
+    if fusion is not None:
+        options["pruning"] = {"fuse": fusion}
+        pruning = dataclasses.replace(pruning, fuse=fusion)
     with verl_on_cpu():
-        on = build_engine(env["ckpt"], micro_batch_size=1, fused_kernel_options={"impl_backend": "tsparse",
-                                                                                "logprobs": False})
+        on = build_engine(env["ckpt"], micro_batch_size=1, fused_kernel_options=options)
         try:
             seen, handle = _lm_inputs(on)
             rec = sparse_recs[0]
@@ -267,7 +276,7 @@ def test_pruning_only_kept_tokens_reach_the_language_model(env):
         ids = rec.prompt_ids[None]
         with torch.no_grad(), hf_generation_context():
             sp = sparse_stream_inputs(ref_model, ids, torch.ones_like(ids), rec.image_grid_thw, [rec.boxes],
-                                      pixel_values=rec.pixel_values, config=method.pruning)
+                                      pixel_values=rec.pixel_values, config=pruning)
             ext = extend_sparse_inputs(ref_model, sp, rec.response_ids[None])
             logits = ref_model(**ext.model_inputs()).logits[0]
     n_prompt = rec.prompt_ids.shape[0]

@@ -100,9 +100,11 @@ def test_options_parse_and_name_bad_keys():
     assert o.logprobs and o.fused_linear and o.varlen and o.prune_visual and o.stream_loss
     o = TsparseOptions.from_dict({"impl_backend": "tsparse", "varlen": False, "chunk_size": 256,
                                   "pruning": {"fuse": False, "margin": 1}, "stream_weights": [1, 0.5]})
-    assert not o.varlen and o.chunk_size == 256 and not o.pruning.fuse and o.pruning.margin == 1.0
+    assert not o.varlen and o.chunk_size == 256 and o.pruning.fuse == "none" and o.pruning.margin == 1.0
     assert o.stream_weights == (1.0, 0.5)
-    for bad, key in [({"logprob": True}, "logprob"), ({"varlen": "yes"}, "varlen"), ({"chunk_size": 0}, "chunk_size"),
+    for name in ("none", "cosine_mean", "nearest_kept", "summary"):  # the named fusion methods
+        assert TsparseOptions.from_dict({"impl_backend": "tsparse", "pruning": {"fuse": name}}).pruning.fuse == name
+    for bad, key in [({"pruning": {"fuse": "mean"}}, "pruning"), ({"logprob": True}, "logprob"), ({"varlen": "yes"}, "varlen"), ({"chunk_size": 0}, "chunk_size"),
                      ({"pruning": {"box_scope": "image"}}, "pruning.box_scope"),
                      ({"pruning": {"fallback": "nope"}}, "pruning"), ({"stream_weights": [1]}, "stream_weights")]:
         with pytest.raises(ValueError, match=rf"{CONFIG_PREFIX}\.{key}"):
@@ -227,7 +229,8 @@ def _loss_inputs(dtype, b=6, r=9, seed=0):
     return old, logp, adv, mask
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("mode", ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
+                                  "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("with_is", [False, True])
 def test_tsparse_loss_equals_verls_vanilla(mode, with_is):
     """The ``tsparse`` policy loss gives verl's compute_policy_loss_vanilla: value, metrics and
@@ -248,6 +251,80 @@ def test_tsparse_loss_equals_verls_vanilla(mode, with_is):
         torch.testing.assert_close(g.to(dtype), g_ref, atol=tol, rtol=tol)
         for k in ref_m:
             assert m[k] == pytest.approx(ref_m[k], abs=tol), k
+
+
+# Every shape verl's vanilla loss broadcasts: per-sequence [b, 1] advantages / IS weights (the
+# ValueError "advantages must have shape [24], got [4]" on main), a [b, 1] old log-prob, a
+# scalar advantage, and [b, R] everything.
+BROADCAST_CASES = {
+    "adv_b1": dict(adv=(6, 1)),
+    "is_b1": dict(isw=(6, 1)),
+    "adv_b1_is_b1": dict(adv=(6, 1), isw=(6, 1)),
+    "adv_scalar": dict(adv=()),
+    "adv_r": dict(adv=(9,)),
+    "old_b1": dict(old=(6, 1)),
+    "is_scalar_adv_b1": dict(adv=(6, 1), isw=()),
+}
+
+
+@pytest.mark.parametrize("case", list(BROADCAST_CASES))
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_tsparse_loss_accepts_every_shape_vanilla_broadcasts(case, mode):
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    shapes = BROADCAST_CASES[case]
+    gen = torch.Generator().manual_seed(3)
+    old, logp, adv, mask = _loss_inputs(torch.float64)
+    if "old" in shapes:
+        old = old[:, :1].clone()
+    if "adv" in shapes:
+        adv = torch.randn(shapes["adv"], generator=gen, dtype=torch.float64)
+    isw = torch.rand(shapes["isw"], generator=gen, dtype=torch.float64) + 0.5 if "isw" in shapes else None
+    cfg = _config(clip_ratio_low=0.2, clip_ratio_high=0.28)
+    ref_loss, ref_m = get_policy_loss_fn("vanilla")(old, logp, adv, mask, mode, cfg, isw)
+    (g_ref,) = torch.autograd.grad(ref_loss, logp)
+    loss, m = get_policy_loss_fn("tsparse")(old, logp, adv, mask, mode, cfg, isw)
+    (g,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
+    for k in ref_m:
+        assert m[k] == pytest.approx(ref_m[k], abs=1e-12), k
+
+
+def test_tsparse_loss_names_shapes_that_do_not_broadcast():
+    from tsparse.integrations.verl.losses import compute_policy_loss_tsparse
+
+    old, logp, adv, mask = _loss_inputs(torch.float64)
+    with pytest.raises(ValueError, match=r"`advantages` \(4,\).*do not broadcast"):
+        compute_policy_loss_tsparse(old, logp, torch.zeros(4, dtype=torch.float64), mask, "token-mean", _config(), None)
+
+
+def test_clip_ratio_c_at_most_one_is_a_value_error_naming_the_key():
+    """verl asserts clip_ratio_c > 1 (AssertionError); tsparse raises ValueError naming the
+    config key (documented in the README)."""
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    old, logp, adv, mask = _loss_inputs(torch.float64)
+    cfg = _config(clip_ratio_c=1.0)
+    with pytest.raises(AssertionError):
+        get_policy_loss_fn("vanilla")(old, logp, adv, mask, "token-mean", cfg, None)
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.actor\.clip_ratio_c must be > 1\.0"):
+        get_policy_loss_fn("tsparse")(old, logp, adv, mask, "token-mean", cfg, None)
+
+
+def test_dualstream_loss_accepts_per_sequence_advantages():
+    from tsparse.integrations.verl.losses import compute_policy_loss_dualstream, stream_context
+
+    old, logp, adv, mask = _loss_inputs(torch.float64, b=6)
+    stream = torch.tensor([0, 0, 1, 1, 1, 0])
+    tokens = torch.stack([(mask & (stream[:, None] == k)).sum().double() for k in (0, 1)])
+    seqs = torch.stack([((mask & (stream[:, None] == k)).sum(-1) > 0).sum().double() for k in (0, 1)])
+    adv_seq = torch.randn(6, 1, dtype=torch.float64)
+    with stream_context(stream=stream, tokens=tokens, sequences=seqs):
+        a, _ = compute_policy_loss_dualstream(old, logp, adv_seq, mask, "token-mean", _config(), None)
+        b, _ = compute_policy_loss_dualstream(old, logp, adv_seq.expand(6, 9).clone(), mask, "token-mean", _config(),
+                                              None)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_dualstream_loss_decouples_the_streams():

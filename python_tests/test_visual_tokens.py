@@ -17,11 +17,16 @@ from torch.autograd import gradcheck
 import tsparse
 from tsparse import reference as ref
 from tsparse.ops import (
+    FUSION_METHODS,
     box_to_patch_mask,
     fuse_tokens,
+    fuse_visual_tokens,
+    fusion_method,
     gather_tokens,
     scatter_tokens,
     select_visual_tokens,
+    summary_tokens,
+    token_coords,
     token_offsets_from_grid,
 )
 
@@ -623,6 +628,209 @@ def test_fuse_bad_inputs():
 
 
 # ======================================================================================
+# Fusion methods: nearest_kept (fuse_tokens with coords), summary, fuse_visual_tokens
+def random_grid_keep(device, num_images=None, max_cells=7, p=None):
+    """A random grid (t up to 3) and keep mask; images with nothing kept and everything kept."""
+    num_images = num_images if num_images is not None else random.randint(1, 5)
+    grid = random_grid(num_images, max_cells=max_cells)
+    n = num_tokens(grid)
+    keep = torch.rand(n) < (p if p is not None else random.uniform(0.05, 0.6))
+    offs = token_offsets_from_grid(grid)
+    if num_images >= 2:
+        keep[offs[0]:offs[1]] = False
+    if num_images >= 3:
+        keep[offs[1]:offs[2]] = True
+    return grid, keep.to(device), offs
+
+
+def test_fusion_method_names_and_aliases():
+    assert FUSION_METHODS == ("none", "cosine_mean", "nearest_kept", "summary")
+    assert fusion_method(True) == "cosine_mean" and fusion_method(False) == "none"
+    for m in FUSION_METHODS:
+        assert fusion_method(m) == m
+    for bad in ("mean", 1, None, "Summary"):
+        with pytest.raises(ValueError, match="`pruning.fuse` must be one of"):
+            fusion_method(bad, "pruning.fuse")
+
+
+def test_token_coords_matches_reference(device):
+    grid = random_grid(4)
+    c = token_coords(grid, device=device)
+    assert c.dtype == torch.float64 and c.device.type == torch.device(device).type
+    assert torch.equal(c.cpu(), ref.token_coords_ref(grid))
+
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+def test_fuse_nearest_matches_reference(device, dtype):
+    for _ in range(3):
+        grid, keep, offs = random_grid_keep(device)
+        x = torch.randn(offs[-1], random.choice([1, 6, 33]), device=device).to(dtype)
+        coords = token_coords(grid, device=device)
+        y, assign = fuse_tokens(x, keep, offs, coords=coords)
+        # Exact: integer coordinates, ties broken by the lowest index, no floating slack.
+        assert torch.equal(assign.cpu(), ref.nearest_assignment_ref(keep, offs, coords).cpu())
+        y_ref, _ = ref.fuse_tokens_ref(x, keep, offs, assign=assign)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+        torch.testing.assert_close(y.double(), y_ref.double(), atol=tol, rtol=tol)
+        assert y.dtype == dtype and y.shape == (int(keep.sum()), x.shape[1])
+
+
+def test_fuse_nearest_random_coords_and_ties(device):
+    """Any coordinates (not only grids): random integer points with many exact ties."""
+    n = 60
+    coords = torch.randint(0, 4, (n, 2)).double().to(device)
+    keep = (torch.rand(n) < 0.3).to(device)
+    keep[0] = True
+    offs = [0, 25, 60]
+    keep[25] = True
+    x = torch.randn(n, 4, dtype=torch.float64, device=device)
+    _, assign = fuse_tokens(x, keep, offs, coords=coords)
+    assert torch.equal(assign.cpu(), ref.nearest_assignment_ref(keep, offs, coords).cpu())
+    # by hand: 1-D points 0, 1, 2, 3, 4 with 0 and 4 kept (and 2 equidistant: the lower kept wins)
+    c = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0]], dtype=torch.float64, device=device)
+    k = torch.tensor([True, False, False, False, True], device=device)
+    y, a = fuse_tokens(torch.arange(5.0, dtype=torch.float64, device=device)[:, None], k, [0, 5], coords=c)
+    assert a.cpu().tolist() == [0, 0, 0, 1, 1]
+    assert y[:, 0].cpu().tolist() == [1.0, 3.5]
+
+
+def test_fuse_nearest_chunked_matches_unchunked(device):
+    grid, keep, offs = random_grid_keep(device, num_images=10)
+    x = torch.randn(offs[-1], 8, dtype=torch.float64, device=device)
+    coords = token_coords(grid, device=device)
+    y1, a1 = fuse_tokens(x, keep, offs, coords=coords)
+    os.environ["TSPARSE_FUSE_CHUNK_BYTES"] = "1"
+    try:
+        y2, a2 = fuse_tokens(x, keep, offs, coords=coords)
+    finally:
+        del os.environ["TSPARSE_FUSE_CHUNK_BYTES"]
+    assert torch.equal(a1, a2) and torch.equal(y1, y2)
+
+
+def test_fuse_nearest_gradcheck(device):
+    grid, keep, offs = random_grid_keep(device, num_images=3, max_cells=4, p=0.3)
+    x = torch.randn(offs[-1], 3, dtype=torch.float64, device=device, requires_grad=True)
+    coords = token_coords(grid, device=device)
+    _, assign = fuse_tokens(x, keep, offs, coords=coords)
+    assert gradcheck(lambda t: fuse_tokens(t, keep, offs, coords=coords)[0], (x,))
+    g = torch.randn(int(keep.sum()), 3, dtype=torch.float64, device=device)
+    (gx,) = torch.autograd.grad(fuse_tokens(x, keep, offs, coords=coords)[0], x, g)
+    (gx_ref,) = torch.autograd.grad(ref.fuse_tokens_ref(x, keep, offs, assign=assign)[0], x, g)
+    torch.testing.assert_close(gx, gx_ref)
+
+
+def test_fuse_nearest_bad_inputs():
+    x = torch.randn(6, 4)
+    keep = torch.tensor([True, False] * 3)
+    c = torch.zeros(6, 2, dtype=torch.float64)
+    # The public op's name (fuse_tokens), not the raw op's (fuse_tokens_nearest).
+    with pytest.raises(TypeError, match=r"tsparse\.fuse_tokens: `coords` must be float64"):
+        fuse_tokens(x, keep, [0, 6], coords=c.float())
+    with pytest.raises(ValueError, match=r"tsparse\.fuse_tokens: `coords` must have shape"):
+        fuse_tokens(x, keep, [0, 6], coords=c[:5])
+    with pytest.raises(TypeError, match="coords"):
+        fuse_tokens(x, keep, [0, 6], coords=[[0.0, 0.0]] * 6)
+    with pytest.raises(ValueError, match=r"tsparse\.fuse_tokens: .*kept_counts"):
+        fuse_tokens(x, keep, [0, 6], coords=c, kept_counts=[2])
+
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+def test_summary_tokens_match_reference(device, dtype):
+    for _ in range(3):
+        grid, keep, offs = random_grid_keep(device)
+        x = torch.randn(offs[-1], random.choice([1, 5, 16]), device=device).to(dtype)
+        y, assign, keep_out, is_summary = summary_tokens(x, keep, grid)
+        y_ref, assign_ref, keep_ref, summary_ref = ref.summary_tokens_ref(x, keep, grid)
+        assert torch.equal(keep_out.cpu(), keep_ref.cpu()) and torch.equal(assign.cpu(), assign_ref.cpu())
+        assert torch.equal(is_summary.cpu(), summary_ref.cpu())
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+        torch.testing.assert_close(y.double(), y_ref.double(), atol=tol, rtol=tol)
+        # the box's own tokens are NOT mixed: every kept row is bit-identical to its input row
+        kept_rows = keep_out.nonzero().reshape(-1)
+        plain = ~is_summary
+        assert torch.equal(y[plain], x[kept_rows[plain]])
+        # one summary token per image with both kept and dropped tokens, none otherwise
+        counts = [(int(keep[a:b].sum()), b - a) for a, b in zip(offs, offs[1:])]
+        assert int(is_summary.sum()) == sum(1 for k, n in counts if 0 < k < n)
+
+
+def test_summary_slot_is_the_dropped_cell_nearest_the_centre(device):
+    # one 4 x 6 image (grid h=8, w=12): centre (1.5, 2.5) -> cells (1,2),(1,3),(2,2),(2,3) tie
+    grid = torch.tensor([[1, 8, 12]])
+    x = torch.randn(24, 3, dtype=torch.float64, device=device)
+    keep = torch.zeros(24, dtype=torch.bool, device=device)
+    keep[0] = True  # a box in the top-left corner
+    _, _, keep_out, is_summary = summary_tokens(x, keep, grid)
+    assert keep_out.nonzero().reshape(-1).cpu().tolist() == [0, 1 * 6 + 2]  # lowest of the tied centre cells
+    keep[1 * 6 + 2] = True  # that cell is kept now: the next tied centre cell takes the summary
+    y, assign, keep_out, is_summary = summary_tokens(x, keep, grid)
+    assert keep_out.nonzero().reshape(-1).cpu().tolist() == [0, 8, 9]
+    assert is_summary.cpu().tolist() == [False, False, True]
+    dropped = ~keep
+    torch.testing.assert_close(y[2], x[dropped].mean(0))
+    assert (assign[dropped] == 2).all() and assign[0] == 0 and assign[8] == 1
+    # all kept / none kept: no summary token
+    for k in (torch.ones(24, dtype=torch.bool, device=device), torch.zeros(24, dtype=torch.bool, device=device)):
+        y, assign, keep_out, is_summary = summary_tokens(x, k, grid)
+        assert torch.equal(keep_out, k) and not bool(is_summary.any()) and y.shape[0] == int(k.sum())
+
+
+def test_summary_gradcheck(device):
+    grid, keep, offs = random_grid_keep(device, num_images=3, max_cells=4, p=0.3)
+    x = torch.randn(offs[-1], 3, dtype=torch.float64, device=device, requires_grad=True)
+    assert gradcheck(lambda t: summary_tokens(t, keep, grid)[0], (x,))
+    g = torch.randn(summary_tokens(x, keep, grid)[0].shape, dtype=torch.float64, device=device)
+    (gx,) = torch.autograd.grad(summary_tokens(x, keep, grid)[0], x, g)
+    (gx_ref,) = torch.autograd.grad(ref.summary_tokens_ref(x, keep, grid)[0], x, g)
+    torch.testing.assert_close(gx, gx_ref)
+
+
+def test_summary_bad_inputs():
+    grid = torch.tensor([[1, 4, 4]])
+    x = torch.randn(4, 3)
+    keep = torch.tensor([True, False, False, False])
+    with pytest.raises(ValueError, match="summary_tokens.*image_grid_thw"):
+        summary_tokens(torch.randn(5, 3), torch.zeros(5, dtype=torch.bool), grid)
+    with pytest.raises(TypeError, match="summary_tokens.*`keep` must be bool"):
+        summary_tokens(x, keep.int(), grid)
+    with pytest.raises(TypeError, match="summary_tokens.*`x`"):
+        summary_tokens(x.long(), keep, grid)
+    with pytest.raises(ValueError, match="summary_tokens.*kept_counts"):
+        summary_tokens(x, keep, grid, kept_counts=[5])
+    with pytest.raises(ValueError, match="summary_tokens.*`kept_counts` does not match"):
+        summary_tokens(x, keep, grid, kept_counts=[2])  # in range, but not the mask's count
+    y, _, _, s = summary_tokens(torch.randn(0, 3), torch.zeros(0, dtype=torch.bool), torch.zeros(0, 3, dtype=torch.int64))
+    assert y.shape == (0, 3) and s.shape == (0,)
+
+
+@pytest.mark.parametrize("method", FUSION_METHODS)
+def test_fuse_visual_tokens_every_method_matches_reference(device, method):
+    grid, keep, offs = random_grid_keep(device, num_images=4)
+    x = torch.randn(offs[-1], 7, dtype=torch.float64, device=device, requires_grad=True)
+    sel = fuse_visual_tokens(x, keep, grid, fuse=method)
+    y_ref, idx_ref, keep_ref = ref.fuse_visual_tokens_ref(x.detach(), keep, grid, method)
+    assert torch.equal(sel.keep.cpu(), keep_ref.cpu()) and torch.equal(sel.index.cpu(), idx_ref.cpu())
+    torch.testing.assert_close(sel.embeds, y_ref)
+    assert sel.offsets.tolist()[-1] == sel.embeds.shape[0] == int(sel.counts.sum())
+    assert torch.equal(sel.offsets.diff().cpu(), sel.counts.long().cpu())
+    assert (sel.assign is None) == (method == "none") and (sel.summary is None) == (method != "summary")
+    sel.embeds.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("fuse", list(FUSION_METHODS) + [True, False])
+def test_select_every_fusion_matches_reference(device, fuse):
+    grid = random_grid(5, max_cells=6)
+    boxes, offsets = random_boxes(5, grid)
+    x = torch.randn(num_tokens(grid), 12, dtype=torch.float64, device=device)
+    sel = select_visual_tokens(x, boxes, offsets, grid, fuse=fuse, margin=0.25)
+    y_ref, idx_ref, keep_ref = ref.select_visual_tokens_ref(x, boxes, offsets, grid, fuse=fuse, margin=0.25)
+    assert torch.equal(sel.keep.cpu(), keep_ref.cpu()) and torch.equal(sel.index.cpu(), idx_ref.cpu())
+    torch.testing.assert_close(sel.embeds, y_ref)
+    assert int(sel.counts.sum()) == sel.embeds.shape[0]
+
+
+# ======================================================================================
 # select_visual_tokens
 @pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -651,7 +859,7 @@ def test_select_full_image_box_is_dense(device):
     n = num_tokens(grid)
     x = torch.randn(n, 10, device=device)
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 3)
-    for fuse in (True, False):
+    for fuse in (True, False) + FUSION_METHODS:
         sel = select_visual_tokens(x, boxes, torch.tensor([0, 1, 2, 3]), grid, fuse=fuse)
         assert torch.equal(sel.embeds, x)
         assert torch.equal(sel.index.cpu(), torch.arange(n))
@@ -689,6 +897,7 @@ def _opcheck_cases(device):
         (ops.scatter_rows.default, (x[:3].detach().clone().requires_grad_(), idx, 9, x)),
         (ops.scatter_rows.default, (x[:3].detach().clone().requires_grad_(), idx.int(), 9, None)),
         (ops.fuse_tokens.default, (x, keep, [0, 6, 9], [3, 2])),
+        (ops.fuse_tokens_nearest.default, (x, keep, torch.randint(0, 4, (9, 2), device=device).double(), [0, 6, 9], [3, 2])),
         (ops.compose_rows.default, (x, torch.tensor([2, -1, 0], device=device), None, None)),
         (ops.compose_rows.default, (None, torch.tensor([2, -1, 0], device=device), x[:3].detach(), None)),
         (ops.compose_rows.default, (x, torch.tensor([2, -1, 0], device=device), None, torch.rand(9, device=device))),
@@ -855,3 +1064,145 @@ def test_nvtx_ranges_wrap_ops_when_enabled():
     from tsparse.ops import gather_tokens as g
 
     assert not hasattr(g, "__wrapped__")  # disabled by default: no wrapper at all
+
+
+# --------------------------------------------------------------------------------------
+# The row kernels' shared order and paths (issue 12 step 4): the CPU and CUDA kernels sum long
+# segments in the same pieces (tsparse/segment_plan.h), so both must equal this piecewise sum
+# bit for bit; the CUDA run of these tests is the CPU == CUDA check.
+SEGMENT_PIECE = 32  # kSegmentPiece
+
+
+def _piecewise_segment_sum(x, perm, offsets, mean):
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs = x.cpu().to(acc_dtype)
+    perm, offsets = perm.cpu().tolist(), offsets.cpu().tolist()
+    out = torch.zeros(len(offsets) - 1, x.shape[1], dtype=acc_dtype)
+    for r in range(len(offsets) - 1):
+        beg, end = offsets[r], offsets[r + 1]
+        acc = torch.zeros(x.shape[1], dtype=acc_dtype)
+        if end - beg <= SEGMENT_PIECE:
+            for i in range(beg, end):
+                acc = acc + xs[perm[i]]
+        else:
+            i = beg
+            while i < end:  # pieces cut at multiples of the piece size in perm positions
+                j = min(end, (i // SEGMENT_PIECE + 1) * SEGMENT_PIECE)
+                part = torch.zeros(x.shape[1], dtype=acc_dtype)
+                for m in range(i, j):
+                    part = part + xs[perm[m]]
+                acc = acc + part
+                i = j
+        if mean and end > beg:
+            acc = acc * (torch.ones((), dtype=acc_dtype) / (end - beg))
+        out[r] = acc
+    return out.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+@pytest.mark.parametrize("cols", [64, 24, 7])  # 16-byte packs (64, and 24 for fp32/fp64) and the element path
+def test_segment_reduce_long_segments_in_the_shared_piece_order(device, dtype, cols):
+    lengths = [0, 1, 31, 32, 33, 64, 65, 70, 0, 500, 3, 97]  # around and far past the piece size
+    first = 5  # perm positions before the first segment are unused: pieces follow perm positions
+    n_src = 40
+    total = first + sum(lengths)
+    perm = torch.randint(0, n_src, (total,), device=device)
+    offsets = torch.tensor([first] + [first + sum(lengths[: k + 1]) for k in range(len(lengths))], device=device)
+    wide = torch.randn(n_src, cols + 8, device=device).to(dtype)
+    x = wide[:, :cols]  # a row stride that is not the width
+    for mean in (False, True):
+        out = torch.ops.tsparse.segment_reduce_rows(x, perm, offsets, mean)
+        assert torch.equal(out.cpu(), _piecewise_segment_sum(x, perm, offsets, mean)), (dtype, cols, mean)
+
+
+def test_non_unique_gather_backward_sums_long_duplicate_runs(device):
+    # gather_tokens with unique_index=False: the backward is a segment sum per source row; a row
+    # gathered 300 times is one long segment, summed in pieces
+    x = torch.randn(6, 40, device=device, dtype=torch.float32, requires_grad=True)
+    idx = torch.tensor([3] * 300 + [1, 4, 4] + [0] * 33, device=device)
+    y = gather_tokens(x, idx, unique_index=False)
+    g = torch.randn_like(y)
+    y.backward(g)
+    expect = torch.zeros(6, 40, dtype=torch.float64)
+    expect.index_add_(0, idx.cpu(), g.double().cpu())
+    torch.testing.assert_close(x.grad.double().cpu(), expect, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+@pytest.mark.parametrize("cols", [264, 24, 7])  # 33 packs of bf16 (a partial trip of 4 x 32 lanes), short, odd
+def test_scaled_rows_match_their_formula_bitwise(device, dtype, cols):
+    # compose_rows with row_scale (the token-fusion backward): out[r] = src[map[r]] * scale, fp32 math
+    src = torch.randn(50, cols, device=device).to(dtype)
+    row_map = torch.randint(-1, 50, (70,), device=device)
+    scale = torch.rand(50, device=device)
+    out = torch.ops.tsparse.compose_rows(src, row_map, None, scale)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    m = row_map.cpu()
+    expect = (src.cpu().to(acc)[m.clamp(min=0)] * scale.cpu().to(acc)[m.clamp(min=0)][:, None]).to(dtype)
+    expect[m < 0] = 0
+    assert torch.equal(out.cpu(), expect)
+
+
+@pytest.mark.parametrize("cols", [3592, 3584, 264, 9])  # bf16: 449 / 448 / 33 units of 16 B, and 2-byte units
+def test_gather_and_scatter_rows_with_partial_trips(device, cols):
+    x = torch.randn(300, cols, device=device).to(torch.bfloat16)
+    idx = torch.randperm(300, device=device)[:211]
+    assert torch.equal(gather_tokens(x, idx), x[idx])
+    out = scatter_tokens(x[idx], idx, 300, fill=torch.zeros_like(x))
+    expect = torch.zeros_like(x)
+    expect[idx] = x[idx]
+    assert torch.equal(out, expect)
+
+
+# --------------------------------------------------------------------------------------
+# Review 2026-12-05: `num_tokens` on host metadata. A given value gives the same mask as the
+# computed one; a wrong one names `num_tokens`; and it is checked only AFTER the grid rows it is
+# computed from, so a bad grid is reported as a bad grid (it was reported as a `num_tokens`
+# mismatch whenever the caller's count differed from the floor-divided sum).
+def test_box_mask_num_tokens_on_host_metadata(device):
+    grid = torch.tensor([[1, 8, 8], [2, 4, 6], [1, 2, 2]])
+    boxes, offsets = random_boxes(3, grid)
+    n = num_tokens(grid)
+    keep, counts = box_to_patch_mask(boxes.to(device), offsets, grid)
+    keep2, counts2 = box_to_patch_mask(boxes.to(device), offsets, grid, num_tokens=n)
+    assert torch.equal(keep2.cpu(), keep.cpu()) and torch.equal(counts2.cpu(), counts.cpu())
+    for wrong in (n - 1, n + 1):
+        with pytest.raises(ValueError, match="`num_tokens` = "):
+            box_to_patch_mask(boxes.to(device), offsets, grid, num_tokens=wrong)
+    for bad in (-1, 2.0, True, torch.tensor(n)):
+        with pytest.raises(ValueError, match="`num_tokens` must be"):
+            box_to_patch_mask(boxes.to(device), offsets, grid, num_tokens=bad)
+    odd = torch.tensor([[1, 4, 6], [1, 4, 3]])  # w = 3 is not a multiple of merge_size = 2
+    with pytest.raises(ValueError, match="multiples of merge_size"):
+        box_to_patch_mask(boxes[:2].to(device), torch.tensor([0, 1, 2]), odd, num_tokens=9)
+
+
+# The segment reduction and the scaled rows on every layout the CUDA launchers choose a width for:
+# 16-byte packs (contiguous), a row stride that breaks them ("row_stride": D + 1), a base pointer
+# that breaks them ("offset"), every other row, and no members at all; long segments included, so
+# segment_pieces_kernel runs in both its 16-byte and its element flavour. Bit-exact against the
+# shared piece order (the CUDA run of this test is the fallback paths' CPU == CUDA check).
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "row_stride", "offset", "row_strided"])
+def test_segment_reduce_and_scaled_rows_on_every_layout(device, dtype, layout):
+    n, cols = 40, 64
+    if layout == "row_stride":
+        x = torch.randn(n, cols + 1, device=device).to(dtype)[:, :cols]
+    else:
+        x = _rows(n, cols, dtype, device, layout)
+    lengths = [3, 0, 70, 33, 1, 32, 0]
+    offsets = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=device)
+    perm = torch.randint(0, n, (sum(lengths),), device=device)
+    for mean in (False, True):
+        out = torch.ops.tsparse.segment_reduce_rows(x, perm, offsets, mean)
+        assert torch.equal(out.cpu(), _piecewise_segment_sum(x, perm, offsets, mean)), (mean,)
+    empty = torch.ops.tsparse.segment_reduce_rows(x, perm[:0], torch.zeros(4, dtype=torch.int64, device=device), True)
+    assert torch.equal(empty.cpu(), torch.zeros(3, cols, dtype=dtype))
+    row_map = torch.randint(-1, n, (50,), device=device)
+    scale = torch.rand(n, device=device)
+    out = torch.ops.tsparse.compose_rows(x, row_map, None, scale)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    m = row_map.cpu().clamp(min=0)
+    expect = (x.cpu().to(acc)[m] * scale.cpu().to(acc)[m][:, None]).to(dtype)
+    expect[row_map.cpu() < 0] = 0
+    assert torch.equal(out.cpu(), expect)

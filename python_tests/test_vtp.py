@@ -108,6 +108,24 @@ def test_kept_embeddings_are_the_selected_rows_or_their_fusion(tiny_vl, batch):
     assert torch.equal(a.visual_keep, sp.visual_keep)  # fusion does not change the selection
 
 
+@pytest.mark.parametrize("fuse", ["nearest_kept", "summary"])
+def test_baselines_take_named_fusion_methods(tiny_vl, batch, fuse):
+    """A baseline's selection through a named fusion method: the rows are fuse_visual_tokens'
+    on that selection; summary adds one token per image on top of the requested count."""
+    from tsparse.ops import fuse_visual_tokens
+
+    model, _ = tiny_vl
+    counts = [1, 60, 3, 16]
+    plain = _prune(model, batch, method="divprune", keep_counts=counts)
+    sp = _prune(model, batch, method="divprune", keep_counts=counts, fuse=fuse)
+    ref = fuse_visual_tokens(batch["emb"], plain.visual_keep, batch["b"]["image_grid_thw"], fuse=fuse)
+    img = (sp.input_ids == model.config.image_token_id) & sp.attention_mask.bool()
+    torch.testing.assert_close(sp.inputs_embeds[img], ref.embeds, rtol=0, atol=0)
+    extra = [1, 1, 1, 0] if fuse == "summary" else [0] * 4  # the last image keeps all its 16 tokens
+    assert sp.kept_counts.tolist() == [c + e for c, e in zip(counts, extra)]
+    _check_positions(model, batch, sp)
+
+
 def test_random_is_seeded_per_image(tiny_vl, batch):
     model, _ = tiny_vl
     a = _prune(model, batch, method="random", keep_ratio=0.5, seeds=[1, 2, 3, 4])

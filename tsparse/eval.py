@@ -3,6 +3,8 @@ against the dense run, visual-token keep ratio, prefill and end-to-end latency a
 
     python -m tsparse.eval [--model tiny|PATH] [--data FILE] [--mode dense,sparse,baseline:fastv,...]
                            [--keep-ratio match|R] [--out DIR] [--limit N] [--batch-size B]
+    python -m tsparse.eval --fusion none,cosine_mean,nearest_kept,summary   # fusion ablation table
+    python -m tsparse.eval --boxes generated --localization-prompt full,box_only   # localization prompts
     python -m tsparse.eval --score PREDICTIONS.json       # score existing predictions, no model
 
 Without ``--model`` and ``--data`` it runs the embedded default: the tiny random Qwen2.5-VL on
@@ -30,9 +32,20 @@ resume), its settings in ``<mode>.run.json`` (a rerun with other settings is ref
 
 Summary metrics per mode: accuracy per dataset, ``avg`` (mean over datasets, as papers average
 benchmarks) and ``micro``; ``rel`` = avg / dense avg (%); ``keep`` = kept / dense visual tokens over
-all samples; answer-stream prefill ms per sample and its speedup over dense; end-to-end ms per
-sample (preprocess + vision + localization + pruning + prefill + decode) and samples/s; prefill
-tokens/s. Timings are per batch, divided by its samples.
+all samples (a ``summary`` fusion token counts as kept); ``seq_len_ratio`` = the answer stream's
+prompt tokens over the same prompts' dense lengths, text included (the whole-sequence ratio: the
+paper's "% of the original sequence length"); answer-stream prefill ms per sample and its speedup
+over dense; the localization stream's prompt and generated tokens per sample (0 when it did not
+run: dense, baselines, given or oracle boxes); end-to-end ms per sample (preprocess + vision +
+localization prefill and decode + pruning + answer prefill + decode) and its speedup over dense
+(``e2e_speedup``: the cost of the WHOLE pipeline, so a speedup is never read off the prefill
+alone) and samples/s; prefill tokens/s. Timings are per batch, divided by its samples.
+
+``--fusion a,b,...`` runs the sparse mode once per fusion method (``none``, ``cosine_mean``,
+``nearest_kept``, ``summary``) next to dense and prints the ablation table (:func:`format_ablation`:
+accuracy, keep ratio, sequence length ratio, end-to-end cost against dense per method);
+``--localization-prompt a,b,...`` does the same for named localization prompts (``full``,
+``box_only``, ...: localization tokens generated and end-to-end ms per sample, same run).
 """
 
 from __future__ import annotations
@@ -65,6 +78,7 @@ __all__ = [
     "evaluate",
     "summarize",
     "format_markdown",
+    "format_ablation",
     "main",
 ]
 
@@ -244,18 +258,25 @@ def score_predictions(path: PathLike, *, skip_open: bool = True) -> dict:
 
 # --------------------------------------------------------------------------------------
 # Running
-def mode_slug(mode: str, config, keep_ratio: Union[str, float, None] = None) -> str:
-    """The file stem of a mode's results: ``dense``, ``sparse-<boxes>-<fuse|nofuse>``,
-    ``baseline-<name>-<match|r<ratio>>[-fuse]``."""
+def mode_slug(mode: str, config, keep_ratio: Union[str, float, None] = None, *,
+              default_fuse: str = "cosine_mean") -> str:
+    """The file stem of a mode's results: ``dense``, ``sparse-<boxes>-<fusion>`` (plus
+    ``-loc_<prompt>`` for generated boxes with a localization prompt other than ``full``),
+    ``baseline-<name>-<match|r<ratio>>[-<fusion>]``. ``default_fuse``: the fusion method a
+    ``config.fuse`` of ``None`` stands for (the method config's ``pruning.fuse``)."""
     from .infer import parse_mode
 
     kind, name = parse_mode(mode)
     if kind == "dense":
         return "dense"
     if kind == "sparse":
-        return f"sparse-{config.boxes}-{'nofuse' if config.fuse is False else 'fuse'}"
+        fuse = config.fuse if config.fuse is not None else default_fuse
+        slug = f"sparse-{config.boxes}-{fuse}"
+        if config.boxes == "generated" and config.localization_prompt != "full":
+            slug += f"-loc_{config.localization_prompt}"
+        return slug
     keep = "match" if keep_ratio in (None, "match") else f"r{float(keep_ratio):g}"
-    return f"baseline-{name}-{keep}" + ("-fuse" if config.baseline_fuse else "")
+    return f"baseline-{name}-{keep}" + ("" if config.baseline_fuse == "none" else f"-{config.baseline_fuse}")
 
 
 def _run_settings(pipe, mode: str, keep, model_name: str, data_path: str) -> dict:
@@ -279,6 +300,10 @@ def _run_settings(pipe, mode: str, keep, model_name: str, data_path: str) -> dic
         if cfg.boxes == "generated":
             s["localization_max_new_tokens"] = cfg.localization_max_new_tokens
             s["max_boxes"] = pipe.method.format.max_boxes
+            s["localization_prompt"] = cfg.localization_prompt
+            named = cfg.named_localization_prompt()
+            if named is not None:
+                s["localization_prompt_def"] = dataclasses.asdict(named)
     if kind == "baseline":
         s.update(keep=keep, baseline_fuse=cfg.baseline_fuse, seed=cfg.seed, fastv_layer=cfg.fastv_layer)
     return s
@@ -307,6 +332,22 @@ def _load_records(path: Path) -> dict:
     return out
 
 
+def _best_match_iou(pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]]) -> float:
+    """Mean over ground-truth boxes of the IoU with the best predicted box (0 without a
+    prediction): a box-quality diagnostic of generated localizations, not a reward."""
+
+    def iou(a, b) -> float:
+        ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = ix * iy
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        return inter / union if union > 0 else 0.0
+
+    if not gt:
+        return 0.0
+    return sum(max((iou(p, g) for p in pred), default=0.0) for g in gt) / len(gt)
+
+
 def evaluate(
     pipe,
     items: Sequence[EvalItem],
@@ -319,6 +360,8 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = True,
     warmup: bool = True,
+    fusions: Optional[Sequence[Union[str, bool]]] = None,
+    localization_prompts: Optional[Sequence[str]] = None,
     log=print,
 ) -> dict:
     """Runs each mode over ``items`` with ``pipe`` (a :class:`~tsparse.infer.TokenSparseInference`),
@@ -333,6 +376,10 @@ def evaluate(
         model_name, data_path: recorded in the run settings (a rerun must match them).
         overwrite: discard a mode's existing results when its settings differ (else an error).
         warmup: run each mode once on a 1-sample batch before the timed batches (not recorded).
+        fusions: run the sparse mode once per fusion method (default: the config's); a baseline
+            with ``keep_ratio="match"`` matches the FIRST variant's kept counts.
+        localization_prompts: run the sparse mode once per named localization prompt (with
+            ``boxes="generated"``; default: the config's); combined with ``fusions``.
     """
     from .infer import parse_mode
 
@@ -341,70 +388,87 @@ def evaluate(
         raise ValueError(f"`keep_ratio` must be 'match' or a number in (0, 1], got {keep_ratio!r}")
     kinds = {"dense": 0, "sparse": 1, "baseline": 2}
     modes = sorted(dict.fromkeys(modes), key=lambda m: kinds[parse_mode(m)[0]])  # matching needs sparse first
+    base_cfg = pipe.config
+    if localization_prompts and base_cfg.boxes != "generated" and any(p != base_cfg.localization_prompt
+                                                                       for p in localization_prompts):
+        raise ValueError("`localization_prompts` apply to generated boxes (boxes='generated'), "
+                         f"not boxes={base_cfg.boxes!r}")
+    variants = [dataclasses.replace(base_cfg, **({} if f is None else {"fuse": f}),
+                                    **({} if lp is None else {"localization_prompt": lp}))
+                for f in (list(fusions) if fusions else [None])
+                for lp in (list(localization_prompts) if localization_prompts else [None])]
+    runs = [(m, c) for m in modes for c in (variants if parse_mode(m)[0] == "sparse" else [base_cfg])]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     keys = [it.key for it in items]
     if len(set(keys)) != len(keys):
         raise ValueError("`items` have duplicate keys")
     session = f"{int(time.time() * 1e3):x}"
-    bs = pipe.config.batch_size
-    for mode in modes:
-        kind, _ = parse_mode(mode)
-        keep = keep_ratio if kind == "baseline" else None
-        slug = mode_slug(mode, pipe.config, keep)
-        settings = _run_settings(pipe, mode, keep, model_name, data_path)
-        run_file, res_file = out / f"{slug}.run.json", out / f"{slug}.jsonl"
-        if run_file.is_file():
-            old = json.loads(run_file.read_text(encoding="utf-8"))
-            if old != settings:
-                diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-                if not overwrite:
-                    raise ValueError(f"{res_file} was produced with other settings (differ: {diff}); "
-                                     f"use another --out or --overwrite")
-                res_file.unlink(missing_ok=True)
-        run_file.write_text(json.dumps(settings, indent=1), encoding="utf-8")
-        done = _load_records(res_file)
-        todo = [it for it in items if it.key not in done]
-        counts = None
-        ratio = float(keep) if kind == "baseline" and keep != "match" else None
-        if kind == "baseline" and keep == "match":
-            ref_slug = mode_slug("sparse", pipe.config)
-            ref = _load_records(out / f"{ref_slug}.jsonl")
-            missing = [it.key for it in todo if it.key not in ref]
-            if missing:
-                raise ValueError(f"{mode} with keep_ratio='match' needs the sparse run's kept counts "
-                                 f"({out / (ref_slug + '.jsonl')}) for {len(missing)} sample(s), e.g. "
-                                 f"{missing[0]!r}: run mode 'sparse' first or give a keep ratio")
-            counts = {it.key: ref[it.key]["kept_tokens"] for it in todo}
-        log(f"[{mode}] {len(done)} done, {len(todo)} to run -> {res_file}")
-        if todo and warmup:  # one untimed 1-sample batch: first-call costs (allocations, kernels) stay out
-            pipe.run_batch([todo[0].sample], mode=mode, keep_counts=[counts[todo[0].key]] if counts else None,
-                           keep_ratio=ratio)
-        bar = None
-        if progress and todo:
-            try:
-                from tqdm import tqdm
+    bs = base_cfg.batch_size
+    default_fuse = pipe.method.pruning.fuse
+    try:
+        for mode, run_cfg in runs:
+            pipe.config = run_cfg
+            kind, _ = parse_mode(mode)
+            keep = keep_ratio if kind == "baseline" else None
+            slug = mode_slug(mode, run_cfg, keep, default_fuse=default_fuse)
+            settings = _run_settings(pipe, mode, keep, model_name, data_path)
+            run_file, res_file = out / f"{slug}.run.json", out / f"{slug}.jsonl"
+            if run_file.is_file():
+                old = json.loads(run_file.read_text(encoding="utf-8"))
+                if old != settings:
+                    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+                    if not overwrite:
+                        raise ValueError(f"{res_file} was produced with other settings (differ: {diff}); "
+                                         f"use another --out or --overwrite")
+                    res_file.unlink(missing_ok=True)
+            run_file.write_text(json.dumps(settings, indent=1), encoding="utf-8")
+            done = _load_records(res_file)
+            todo = [it for it in items if it.key not in done]
+            counts = None
+            ratio = float(keep) if kind == "baseline" and keep != "match" else None
+            if kind == "baseline" and keep == "match":
+                ref_slug = mode_slug("sparse", variants[0], default_fuse=default_fuse)
+                ref = _load_records(out / f"{ref_slug}.jsonl")
+                missing = [it.key for it in todo if it.key not in ref]
+                if missing:
+                    raise ValueError(f"{mode} with keep_ratio='match' needs the sparse run's kept counts "
+                                     f"({out / (ref_slug + '.jsonl')}) for {len(missing)} sample(s), e.g. "
+                                     f"{missing[0]!r}: run mode 'sparse' first or give a keep ratio")
+                counts = {it.key: ref[it.key]["kept_tokens"] for it in todo}
+            log(f"[{slug}] {len(done)} done, {len(todo)} to run -> {res_file}")
+            if todo and warmup:  # one untimed 1-sample batch: first-call costs (allocations, kernels) stay out
+                pipe.run_batch([todo[0].sample], mode=mode, keep_counts=[counts[todo[0].key]] if counts else None,
+                               keep_ratio=ratio)
+            bar = None
+            if progress and todo:
+                try:
+                    from tqdm import tqdm
 
-                bar = tqdm(total=len(todo), desc=mode, file=sys.stderr, leave=False)
-            except ImportError:  # pragma: no cover - tqdm is a dependency
-                bar = None
-        with open(res_file, "a", encoding="utf-8") as f:
-            for lo in range(0, len(todo), bs):
-                part = todo[lo:lo + bs]
-                kc = [counts[it.key] for it in part] if counts is not None else None
-                results = pipe.run_batch([it.sample for it in part], mode=mode, keep_counts=kc, keep_ratio=ratio)
-                for it, r in zip(part, results):
-                    sc = score_response(r.response, it.sample.answer, it.sample.options)
-                    rec = {"key": it.key, "dataset": it.dataset, "subset": it.subset, "gt": it.sample.answer,
-                           "correct": sc.correct, "prediction": sc.prediction, "status": sc.status,
-                           "batch_id": f"{session}-{r.batch}", **r.to_dict()}
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                if bar is not None:
-                    bar.update(len(part))
-        if bar is not None:
-            bar.close()
+                    bar = tqdm(total=len(todo), desc=slug, file=sys.stderr, leave=False)
+                except ImportError:  # pragma: no cover - tqdm is a dependency
+                    bar = None
+            with open(res_file, "a", encoding="utf-8") as f:
+                for lo in range(0, len(todo), bs):
+                    part = todo[lo:lo + bs]
+                    kc = [counts[it.key] for it in part] if counts is not None else None
+                    results = pipe.run_batch([it.sample for it in part], mode=mode, keep_counts=kc, keep_ratio=ratio)
+                    for it, r in zip(part, results):
+                        sc = score_response(r.response, it.sample.answer, it.sample.options)
+                        rec = {"key": it.key, "dataset": it.dataset, "subset": it.subset, "gt": it.sample.answer,
+                               "correct": sc.correct, "prediction": sc.prediction, "status": sc.status,
+                               "batch_id": f"{session}-{r.batch}", **r.to_dict()}
+                        if r.mode == "sparse" and r.box_source in ("generated", "localization_text") and it.sample.boxes:
+                            rec["box_iou"] = _best_match_iou(r.boxes, it.sample.boxes)
+                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                    if bar is not None:
+                        bar.update(len(part))
+            if bar is not None:
+                bar.close()
+    finally:
+        pipe.config = base_cfg
     summary = summarize(out, keys=keys, data_path=data_path)
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     (out / "summary.md").write_text(format_markdown(summary) + "\n", encoding="utf-8")
@@ -430,6 +494,12 @@ def _mode_metrics(records: list) -> dict:
                                                "prefill_ms", "decode_ms", "total_ms")} if n_b else {}
     images = [f for r in records for f in r["fallback"]]
     gen = [r for r in records if r.get("box_source") in ("generated", "localization_text")]
+    prompt_tokens = sum(r["prompt_tokens"] for r in records)
+    dense_prompt = sum(r.get("dense_prompt_tokens") or 0 for r in records)
+    loc_new = [r.get("localization_new_tokens", 0) for r in records]
+    loc_prompt = [r.get("localization_prompt_tokens", 0) for r in records]
+    ious = [r["box_iou"] for r in records if r.get("box_iou") is not None]
+    n_rec = len(records)
     status: dict = {}
     for r in records:
         status[r["status"]] = status.get(r["status"], 0) + 1
@@ -441,6 +511,13 @@ def _mode_metrics(records: list) -> dict:
         "visual_tokens": vis,
         "fallback_rate": (sum(images) / len(images)) if images else 0.0,
         "boxes_parsed_rate": (sum(1 for r in gen if r["boxes"]) / len(gen)) if gen else None,
+        "box_iou": (sum(ious) / len(ious)) if ious else None,
+        "prompt_tokens": prompt_tokens,
+        "dense_prompt_tokens": dense_prompt,
+        "seq_len_ratio": (prompt_tokens / dense_prompt) if dense_prompt else None,
+        "localization_prompt_tokens_mean": sum(loc_prompt) / n_rec if n_rec else None,
+        "localization_new_tokens_mean": sum(loc_new) / n_rec if n_rec else None,
+        "localization_ms_per_sample": phases.get("localize"),
         "prefill_ms_per_sample": prefill / n_b if n_b else None,
         "e2e_ms_per_sample": total / n_b if n_b else None,
         "samples_per_s": n_b / (total / 1e3) if total else None,
@@ -455,8 +532,9 @@ def _mode_metrics(records: list) -> dict:
 def summarize(out_dir: PathLike, keys: Optional[Sequence[str]] = None, data_path: Optional[str] = None) -> dict:
     """Aggregates every ``<slug>.jsonl`` under ``out_dir`` (restricted to ``keys`` when given, and
     to runs on ``data_path`` when given): per-mode metrics (see the module docs) and each mode's
-    ``rel`` (avg accuracy / the dense mode's, %) and ``prefill_speedup`` (dense prefill ms per
-    sample / the mode's)."""
+    ``rel`` (avg accuracy / the dense mode's, %), ``prefill_speedup`` (dense prefill ms per
+    sample / the mode's) and ``e2e_speedup`` (dense end-to-end ms per sample / the mode's: the
+    whole pipeline, localization included)."""
     out = Path(out_dir)
     wanted = set(keys) if keys is not None else None
     modes = []
@@ -477,6 +555,8 @@ def summarize(out_dir: PathLike, keys: Optional[Sequence[str]] = None, data_path
         m["rel"] = (100.0 * m["avg"] / dense["avg"]) if dense and dense["avg"] else None
         m["prefill_speedup"] = (dense["prefill_ms_per_sample"] / m["prefill_ms_per_sample"]) if (
             dense and dense["prefill_ms_per_sample"] and m["prefill_ms_per_sample"]) else None
+        m["e2e_speedup"] = (dense["e2e_ms_per_sample"] / m["e2e_ms_per_sample"]) if (
+            dense and dense["e2e_ms_per_sample"] and m["e2e_ms_per_sample"]) else None
     datasets = sorted({d for m in modes for d in m["datasets"]})
     return {"out_dir": str(out), "datasets": datasets, "modes": modes}
 
@@ -485,25 +565,64 @@ def _f(v, spec: str, suffix: str = "") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec) + suffix
 
 
+def _label(m: Mapping[str, Any]) -> str:
+    s = m["settings"]
+    label = m["mode"]
+    if m["mode"] == "sparse":
+        extra = f", fusion {s.get('fuse')}"
+        if s.get("boxes") == "generated" and s.get("localization_prompt", "full") != "full":
+            extra += f", {s['localization_prompt']} prompt"
+        label += f" ({s.get('boxes')} boxes{extra})"
+    elif m["mode"].startswith("baseline"):
+        label += f" (keep {'matched' if s.get('keep') == 'match' else s.get('keep')}"
+        label += "" if s.get("baseline_fuse", "none") == "none" else f", fusion {s['baseline_fuse']}"
+        label += ")"
+    return label
+
+
 def format_markdown(summary: Mapping[str, Any]) -> str:
-    """The summary as a Markdown table: one row per mode; accuracy in %."""
+    """The summary as a Markdown table: one row per mode; accuracy in %. ``keep``: visual
+    tokens kept; ``seq len``: answer-prompt tokens over the dense prompt's (text included);
+    ``loc tokens``: localization tokens generated per sample; ``e2e x``: dense end-to-end ms
+    per sample over the mode's (whole pipeline, localization included)."""
     ds = list(summary["datasets"])
-    head = ["mode", "n", "keep"] + ds + ["avg", "rel. to dense", "prefill ms/sample", "prefill x",
-                                         "e2e ms/sample", "samples/s"]
+    head = ["mode", "n", "keep", "seq len"] + ds + ["avg", "rel. to dense", "prefill ms/sample", "prefill x",
+                                                    "loc tokens", "e2e ms/sample", "e2e x", "samples/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for m in summary["modes"]:
-        s = m["settings"]
-        label = m["mode"]
-        if m["mode"] == "sparse":
-            label += f" ({s.get('boxes')} boxes{', fusion' if s.get('fuse') else ''})"
-        elif m["mode"].startswith("baseline"):
-            label += f" (keep {'matched' if s.get('keep') == 'match' else s.get('keep')})"
-        row = [label, str(m["n"]), _f(m["keep_ratio"], ".3f")]
+        row = [_label(m), str(m["n"]), _f(m["keep_ratio"], ".3f"), _f(m.get("seq_len_ratio"), ".3f")]
         row += [_f(100 * m["datasets"][d]["accuracy"] if d in m["datasets"] else None, ".1f") for d in ds]
         row += [_f(None if m["avg"] is None else 100 * m["avg"], ".1f"), _f(m["rel"], ".1f", "%"),
                 _f(m["prefill_ms_per_sample"], ".2f"), _f(m["prefill_speedup"], ".2f", "x"),
-                _f(m["e2e_ms_per_sample"], ".2f"), _f(m["samples_per_s"], ".1f")]
+                _f(m.get("localization_new_tokens_mean"), ".1f"),
+                _f(m["e2e_ms_per_sample"], ".2f"), _f(m.get("e2e_speedup"), ".2f", "x"), _f(m["samples_per_s"], ".1f")]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def format_ablation(summary: Mapping[str, Any], by: str = "fuse") -> str:
+    """One row per variant of the sparse mode (``by="fuse"``: fusion method;
+    ``"localization_prompt"``: localization prompt), under the dense row: accuracy (avg, %),
+    relative to dense, visual-token keep ratio, sequence length ratio, localization tokens
+    generated and ms per sample, box IoU of generated boxes against the data's, end-to-end ms
+    per sample and its cost against dense (``e2e cost`` = mode / dense: < 1 is cheaper)."""
+    if by not in ("fuse", "localization_prompt"):
+        raise ValueError(f"`by` must be 'fuse' or 'localization_prompt', got {by!r}")
+    head = [by.replace("_", " "), "n", "accuracy", "rel. to dense", "keep", "seq len", "loc tokens", "loc ms",
+            "box IoU", "e2e ms/sample", "e2e cost"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    dense = next((m for m in summary["modes"] if m["mode"] == "dense"), None)
+    rows = ([("dense", dense)] if dense else []) + [
+        (str(m["settings"].get(by, "full")), m) for m in summary["modes"] if m["mode"] == "sparse"]
+    for name, m in rows:
+        cost = (m["e2e_ms_per_sample"] / dense["e2e_ms_per_sample"]) if (
+            dense and dense["e2e_ms_per_sample"] and m["e2e_ms_per_sample"]) else None
+        lines.append("| " + " | ".join([
+            name, str(m["n"]), _f(None if m["avg"] is None else 100 * m["avg"], ".1f"), _f(m["rel"], ".1f", "%"),
+            _f(m["keep_ratio"], ".3f"), _f(m.get("seq_len_ratio"), ".3f"),
+            _f(m.get("localization_new_tokens_mean"), ".1f"), _f(m.get("localization_ms_per_sample"), ".2f"),
+            _f(m.get("box_iou"), ".3f"), _f(m["e2e_ms_per_sample"], ".2f"), _f(cost, ".3f"),
+        ]) + " |")
     return "\n".join(lines)
 
 
@@ -514,11 +633,46 @@ def _default_out(root: str, model: str, data_label: str) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m tsparse.eval``; see the module docs."""
+    """``python -m tsparse.eval``; see the module docs. A user's mistake prints one line on stderr
+    naming it and returns 2 (``--debug`` / ``TSPARSE_DEBUG=1``: the traceback)."""
+    from ._cli import run
+
+    return run(_main, argv, "python -m tsparse.eval")
+
+
+def _check_eval_args(args) -> Optional[Union[str, float]]:
+    """Checks the flags before any data or model is loaded; returns ``--keep-ratio`` parsed
+    (``"match"``, a float, or ``None`` when not given)."""
+    from ._cli import UsageError
+    from .infer import _check_keep_ratio, _check_model_args, _check_modes, _positive
+
+    _check_model_args(args)
+    for flag, path in (("--data", args.data), ("--score", args.score)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag}: no such file {path!r}")
+    if args.mode is not None:
+        _check_modes([m.strip() for m in args.mode.split(",")])
+    keep = args.keep_ratio
+    if keep is not None and keep != "match":
+        try:
+            keep = float(keep)
+        except ValueError:
+            raise UsageError(f"--keep-ratio must be 'match' or a number in (0, 1], got {args.keep_ratio!r}") from None
+        _check_keep_ratio(keep)
+    if args.limit is not None and args.limit < 0:
+        raise UsageError(f"--limit must be >= 0, got {args.limit}")
+    _positive(args.batch_size, "--batch-size")
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    _positive(args.localization_max_new_tokens, "--localization-max-new-tokens")
+    return keep
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    from ._cli import ArgumentParser
     from .infer import TokenSparseInference, _add_model_args, _load, default_data_root, load_eval_config
 
-    p = argparse.ArgumentParser(prog="python -m tsparse.eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m tsparse.eval", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
     p.set_defaults(model=None)
     p.add_argument("--data", default=None, help="evaluation file (ViTAR-style or HuatuoGPT-Vision layout)")
@@ -537,7 +691,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="discard results produced with other settings")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--score", default=None, metavar="FILE", help="score a predictions file and exit (no model)")
+    p.add_argument("--fusion", default=None, metavar="A,B,...",
+                   help="fusion ablation: run the sparse mode once per method (none, cosine_mean, nearest_kept, "
+                        "summary) next to dense and print the ablation table")
+    p.add_argument("--localization-prompt", default=None, metavar="A,B,...",
+                   help="named localization prompt(s) of the sparse mode with generated boxes (full, box_only, or a "
+                        "name under inference.localization_prompts); several: one run each and a comparison table")
     args = p.parse_args(argv)
+    keep_arg = _check_eval_args(args)
 
     ecfg = load_eval_config(args.config)
     ev = ecfg["eval"]
@@ -565,16 +726,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     over = {k: v for k, v in {
         "boxes": args.boxes or emb.get("boxes"), "answer": args.answer or emb.get("answer"), "fuse": args.fuse,
         "max_new_tokens": args.max_new_tokens, "localization_max_new_tokens": args.localization_max_new_tokens,
-        "batch_size": args.batch_size or emb.get("batch_size"),
+        "batch_size": args.batch_size if args.batch_size is not None else emb.get("batch_size"),
     }.items() if v is not None}
-    cfg = dataclasses.replace(ecfg["inference"], **over)
-    modes = args.mode.split(",") if args.mode else list(ev.get("modes", ["dense", "sparse"]))
-    keep = args.keep_ratio if args.keep_ratio is not None else ev.get("keep_ratio", "match")
-    if keep != "match":
+    from .ops.visual_tokens import fusion_method
+
+    fusions = prompts = None
+    if args.fusion is not None:
         try:
-            keep = float(keep)
-        except ValueError:
-            p.error(f"--keep-ratio must be 'match' or a number, got {keep!r}")
+            fusions = [fusion_method(f.strip(), "--fusion") for f in args.fusion.split(",")]
+        except ValueError as e:
+            p.error(str(e).replace("`--fusion`", "--fusion"))
+    if args.localization_prompt is not None:
+        prompts = [x.strip() for x in args.localization_prompt.split(",")]
+        known = ["full"] + sorted(ecfg["inference"].localization_prompts)
+        bad = [x for x in prompts if x not in known]
+        if bad:
+            p.error(f"--localization-prompt: unknown prompt(s) {bad}; known: {known}")
+        over["localization_prompt"] = prompts[0]
+        if not args.boxes:
+            over["boxes"] = "generated"  # the localization stream must run for its prompt to matter
+    cfg = dataclasses.replace(ecfg["inference"], **over)
+    modes = [m.strip() for m in args.mode.split(",")] if args.mode else list(ev.get("modes", ["dense", "sparse"]))
+    if fusions or prompts:  # an ablation: the sparse variants against dense (baselines only when asked)
+        modes = [m.strip() for m in args.mode.split(",")] if args.mode else ["dense", "sparse"]
+        modes = modes + [m for m in ("dense", "sparse") if m not in modes]
+    keep = keep_arg if keep_arg is not None else ev.get("keep_ratio", "match")
     items = load_eval_samples(data, limit=limit, skip_open=bool(ev.get("skip_open", True)))
     out = Path(args.out) if args.out else _default_out(str(ev.get("out_root", "eval_results")), model_name, data_label)
 
@@ -585,15 +761,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pipe = TokenSparseInference(model, proc, method=method_config_for_model(
         None if embedded else model_name, args.method_config), config=cfg)
     if embedded:
-        print("embedded default: the tiny RANDOM model on the synthetic scans; boxes from the data "
-              f"(--boxes {cfg.boxes}) and option likelihood (--answer {cfg.answer}), since a random model can "
-              "neither localize nor write the answer format")
+        boxes = ("boxes from the data (--boxes oracle)" if cfg.boxes == "oracle" else
+                 "boxes generated by the random model (--boxes generated: its localization cost is real, its boxes "
+                 "are not meaningful)")
+        print(f"embedded default: the tiny RANDOM model on the synthetic scans; {boxes} and option likelihood "
+              f"(--answer {cfg.answer}), since a random model can neither localize nor write the answer format")
     print(f"model {model_name} ({pipe.device}), data {data}: {len(items)} questions; modes {modes}; "
           f"answer={cfg.answer}, batch {cfg.batch_size}")
     summary = evaluate(pipe, items, modes, out, model_name=model_name, data_path=str(Path(data).resolve()),
-                       keep_ratio=keep, overwrite=args.overwrite, progress=not args.no_progress)
+                       keep_ratio=keep, overwrite=args.overwrite, progress=not args.no_progress,
+                       fusions=fusions, localization_prompts=prompts)
     print()
     print(format_markdown(summary))
+    if fusions:
+        print("\nFusion ablation (sparse mode per fusion method; e2e cost = end-to-end ms per sample / dense's)")
+        print(format_ablation(summary, by="fuse"))
+    if prompts:
+        print("\nLocalization prompts (sparse mode with generated boxes per prompt; same run)")
+        print(format_ablation(summary, by="localization_prompt"))
     print(f"\nresults: {out}/ (summary.json, summary.md, one JSONL per mode)")
     return 0
 

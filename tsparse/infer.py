@@ -7,17 +7,23 @@ model with HF ``generate`` (CPU or one GPU), batched:
 2. vision: the vision tower runs ONCE per batch (:func:`~tsparse.dualstream.pruning.image_features`);
    both streams reuse its merged visual tokens;
 3. localize (``mode="sparse"``, ``boxes="generated"``): the localization stream answers with
-   every visual token (reasoning, ``<box>[[x1, y1, x2, y2], ...]</box>``, answer), greedy; its
-   boxes are read by the tolerant :func:`~tsparse.dualstream.format.parse_boxes`;
+   every visual token, greedy, with a named localization prompt (``localization_prompt``):
+   ``full`` - the method's own prompt (reasoning, ``<box>[[x1, y1, x2, y2], ...]</box>``,
+   answer) - or a shorter one such as ``box_only`` (``configs/eval.yaml``: asked for the boxes
+   only, the response begun with ``<box>`` and stopped at ``</box>``); its boxes are read by
+   the tolerant :func:`~tsparse.dualstream.format.parse_boxes`;
 4. prune: :func:`tsparse.vtp.prune_visual_tokens` - the boxes' tokens through
-   ``select_visual_tokens`` (fusion on or off; an image without a usable box keeps all its
-   tokens), or a baseline at a requested keep ratio, or nothing (``mode="dense"``); kept tokens
-   keep their ORIGINAL M-RoPE positions;
+   ``select_visual_tokens`` with the fusion method ``fuse`` (``none``, ``cosine_mean``,
+   ``nearest_kept``, ``summary``; an image without a usable box keeps all its tokens), or a
+   baseline at a requested keep ratio, or nothing (``mode="dense"``); kept tokens keep their
+   ORIGINAL M-RoPE positions;
 5. answer: greedy ``generate`` on the sparse inputs (``answer="generate"``), or the option letter
    with the highest next-token likelihood after ``choice_prefix`` (``answer="choice"``).
 
 Each :class:`InferenceResult` has the response, the extracted answer, the boxes (and why none),
-the keep ratio and kept/total tokens per image, and the batch's per-phase timings
+the keep ratio and kept/total tokens per image, the answer prompt's length and its dense length
+(text included), the localization stream's prompt and generated token counts, and the batch's
+per-phase timings
 (``preprocess``, ``vision``, ``localize`` (+ its prefill), ``prune``, ``prefill`` (time to the
 first answer token, measured inside ``generate`` by a streamer), ``decode``, ``total``; ms,
 CUDA-synchronized at phase boundaries).
@@ -52,14 +58,18 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .dualstream.config import MethodConfig, load_method_config, load_yaml
-from .dualstream.data import VQASample, load_images, parse_options
+from .dualstream.config import MethodConfig, StreamPrompt, load_method_config, load_yaml
+from ._cli import ArgumentParser, UsageError
+from ._cli import run as run_cli
+from .dualstream.data import VQASample, check_image_file, load_images, parse_options
 from .dualstream.format import extract_answer, parse_boxes
 from .dualstream.pruning import SparseInputs, extend_sparse_inputs, image_features, sparse_generate
 from .dualstream.rewards import parse_choice
+from .ops.visual_tokens import FUSION_METHODS, fusion_method
 from .vtp import BASELINES, image_seed, prune_visual_tokens
 
 __all__ = [
+    "LocalizationPrompt",
     "InferenceConfig",
     "InferenceResult",
     "PreparedBatch",
@@ -85,29 +95,81 @@ def parse_mode(mode: str) -> tuple[str, Optional[str]]:
     raise ValueError(f"`mode` must be 'dense', 'sparse' or 'baseline:<{'|'.join(BASELINES)}>', got {mode!r}")
 
 
+#: The built-in localization prompt: the method config's own (``prompts.localization``).
+FULL_PROMPT = "full"
+
+
+@dataclass(frozen=True)
+class LocalizationPrompt:
+    """A named localization prompt for inference (``configs/eval.yaml``,
+    ``inference.localization_prompts.<name>``).
+
+    ``system`` / ``user``: the chat's system text and user template (with ``{question}``);
+    ``None`` keeps the method config's localization prompt. ``response_prefix``: text written
+    after the chat template's assistant header, which the model continues (e.g. ``"<box>"``);
+    it is part of the localization text that is parsed. ``stop``: a row stops generating once
+    its text (prefix + generated) contains this string (``None``: at EOS or the token limit).
+    ``max_new_tokens``: a cap on the localization stream's tokens with this prompt (the limit is
+    the smaller of it and ``localization_max_new_tokens``; ``None``: no cap of its own), which
+    bounds what a model that does not follow the prompt can cost."""
+
+    system: Optional[str] = None
+    user: Optional[str] = None
+    response_prefix: str = ""
+    stop: Optional[str] = None
+    max_new_tokens: Optional[int] = None
+
+    def __post_init__(self):
+        if self.system is not None and not isinstance(self.system, str):
+            raise ValueError(f"`system` must be a str or null, got {self.system!r}")
+        if self.user is not None and (not isinstance(self.user, str) or "{question}" not in self.user):
+            raise ValueError(f"`user` must be null or a str containing '{{question}}', got {self.user!r}")
+        if not isinstance(self.response_prefix, str):
+            raise ValueError(f"`response_prefix` must be a str, got {self.response_prefix!r}")
+        if self.stop is not None and (not isinstance(self.stop, str) or not self.stop):
+            raise ValueError(f"`stop` must be a non-empty str or null, got {self.stop!r}")
+        if self.stop is not None and self.stop in self.response_prefix:
+            raise ValueError(f"`stop` {self.stop!r} occurs in `response_prefix` {self.response_prefix!r}")
+        if self.max_new_tokens is not None and (isinstance(self.max_new_tokens, bool) or not isinstance(
+                self.max_new_tokens, int) or self.max_new_tokens < 1):
+            raise ValueError(f"`max_new_tokens` must be a positive int or null, got {self.max_new_tokens!r}")
+
+    def stream_prompt(self, method_prompt: StreamPrompt) -> StreamPrompt:
+        """The chat prompt: this prompt's texts over the method config's localization prompt."""
+        return StreamPrompt(system=method_prompt.system if self.system is None else self.system,
+                            user=method_prompt.user if self.user is None else self.user)
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     """Inference settings (``configs/eval.yaml``, section ``inference``).
 
     ``mode``: ``dense``, ``sparse`` or ``baseline:<name>``. ``boxes``: where the sparse mode's
     boxes come from - ``generated`` (the localization stream) or ``oracle`` (the sample's own
-    boxes). ``fuse``: the sparse mode's fusion (``None``: the method config's). ``baseline_fuse``:
-    fuse the tokens a baseline drops. ``keep_ratio``: baselines' ratio when no per-image counts
-    are given. ``answer``: ``generate`` or ``choice``; ``choice_prefix``: written after the prompt
-    before the letter is scored. ``max_new_tokens`` / ``localization_max_new_tokens``: greedy
-    generation lengths. ``fastv_layer``: FastV's ranking layer (``None``: its default).
-    ``seed``: the random baseline's seed. ``batch_size``: samples per batch.
+    boxes). ``fuse``: the sparse mode's fusion method (``none``, ``cosine_mean``,
+    ``nearest_kept``, ``summary``; ``true``/``false`` = ``cosine_mean``/``none``; ``None``: the
+    method config's ``pruning.fuse``). ``baseline_fuse``: the fusion method of the tokens a
+    baseline drops (``none`` = dropped, as published). ``keep_ratio``: baselines' ratio when no
+    per-image counts are given. ``answer``: ``generate`` or ``choice``; ``choice_prefix``:
+    written after the prompt before the letter is scored. ``max_new_tokens`` /
+    ``localization_max_new_tokens``: greedy generation lengths. ``localization_prompt``: the
+    named localization prompt (``full``: the method config's own; else a key of
+    ``localization_prompts``, a mapping of name -> :class:`LocalizationPrompt` or its dict).
+    ``fastv_layer``: FastV's ranking layer (``None``: its default). ``seed``: the random
+    baseline's seed. ``batch_size``: samples per batch.
     """
 
     mode: str = "sparse"
     boxes: str = "generated"
-    fuse: Optional[bool] = None
-    baseline_fuse: bool = False
+    fuse: Union[bool, str, None] = None
+    baseline_fuse: Union[bool, str] = "none"
     keep_ratio: Optional[float] = None
     answer: str = "generate"
     choice_prefix: str = "<think>\n</think>\n<answer>"
     max_new_tokens: int = 512
     localization_max_new_tokens: int = 512
+    localization_prompt: str = FULL_PROMPT
+    localization_prompts: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     fastv_layer: Optional[int] = None
     seed: int = 0
     batch_size: int = 4
@@ -116,10 +178,34 @@ class InferenceConfig:
         parse_mode(self.mode)
         if self.boxes not in ("generated", "oracle"):
             raise ValueError(f"`boxes` must be 'generated' or 'oracle', got {self.boxes!r}")
-        if self.fuse is not None and not isinstance(self.fuse, bool):
-            raise ValueError(f"`fuse` must be a bool or null, got {self.fuse!r}")
-        if not isinstance(self.baseline_fuse, bool):
-            raise ValueError(f"`baseline_fuse` must be a bool, got {self.baseline_fuse!r}")
+        if self.fuse is not None:
+            object.__setattr__(self, "fuse", fusion_method(self.fuse, "fuse"))
+        object.__setattr__(self, "baseline_fuse", fusion_method(self.baseline_fuse, "baseline_fuse"))
+        if not isinstance(self.localization_prompts, Mapping):
+            raise ValueError(f"`localization_prompts` must be a mapping of name -> prompt, got "
+                             f"{type(self.localization_prompts).__name__}")
+        prompts = {}
+        for name, value in self.localization_prompts.items():
+            if not isinstance(name, str) or not name or name == FULL_PROMPT:
+                raise ValueError(f"`localization_prompts`: {name!r} is not a usable name ('{FULL_PROMPT}' is the "
+                                 "method config's own prompt)")
+            if isinstance(value, LocalizationPrompt):
+                prompts[name] = value
+                continue
+            if not isinstance(value, Mapping):
+                raise ValueError(f"`localization_prompts.{name}` must be a mapping, got {type(value).__name__}")
+            allowed = {f.name for f in dataclasses.fields(LocalizationPrompt)}
+            unknown = sorted(set(value) - allowed)
+            if unknown:
+                raise ValueError(f"`localization_prompts.{name}`: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+            try:
+                prompts[name] = LocalizationPrompt(**dict(value))
+            except ValueError as e:
+                raise ValueError(f"`localization_prompts.{name}`: {e}") from None
+        object.__setattr__(self, "localization_prompts", prompts)
+        if self.localization_prompt != FULL_PROMPT and self.localization_prompt not in prompts:
+            raise ValueError(f"`localization_prompt` must be one of {[FULL_PROMPT] + sorted(prompts)}, "
+                             f"got {self.localization_prompt!r}")
         if self.keep_ratio is not None and (isinstance(self.keep_ratio, bool) or not isinstance(
                 self.keep_ratio, (int, float)) or not 0.0 < self.keep_ratio <= 1.0):
             raise ValueError(f"`keep_ratio` must be in (0, 1] or null, got {self.keep_ratio!r}")
@@ -136,6 +222,17 @@ class InferenceConfig:
             raise ValueError(f"`fastv_layer` must be a non-negative int or null, got {self.fastv_layer!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an int, got {self.seed!r}")
+
+    def named_localization_prompt(self, name: Optional[str] = None) -> Optional[LocalizationPrompt]:
+        """The :class:`LocalizationPrompt` called ``name`` (default: ``localization_prompt``);
+        ``None`` for ``full`` (the method config's own prompt, no prefix, no stop)."""
+        name = self.localization_prompt if name is None else name
+        if name == FULL_PROMPT:
+            return None
+        if name not in self.localization_prompts:
+            raise ValueError(f"`localization_prompt` must be one of {[FULL_PROMPT] + sorted(self.localization_prompts)}, "
+                             f"got {name!r}")
+        return self.localization_prompts[name]
 
     @classmethod
     def from_dict(cls, data: Mapping, where: str = "inference") -> "InferenceConfig":
@@ -189,9 +286,13 @@ class InferenceResult:
     boxes used for pruning, where they came from (``generated``, ``given``, ``oracle``,
     ``localization_text``) and why none (``None`` when there are some). ``keep_ratio``: kept /
     dense visual tokens of the sample; ``kept_tokens`` / ``visual_tokens`` / ``fallback``: per
-    image. ``prompt_tokens``: the answer prompt's length after pruning; ``new_tokens``: answer
-    tokens generated. ``timings``: the BATCH's phases in ms (shared by its ``batch_size``
-    samples; ``batch`` numbers the batch within the run).
+    image. ``prompt_tokens``: the answer prompt's length after pruning; ``dense_prompt_tokens``:
+    the same prompt with every visual token (so ``prompt_tokens / dense_prompt_tokens`` is the
+    whole-sequence length ratio, text included); ``new_tokens``: answer tokens generated.
+    ``localization_prompt``: the named localization prompt used (``None`` when the stream did
+    not run); ``localization_prompt_tokens`` / ``localization_new_tokens``: its prompt length and
+    the tokens it generated (0 when it did not run). ``timings``: the BATCH's phases in ms
+    (shared by its ``batch_size`` samples; ``batch`` numbers the batch within the run).
     """
 
     id: str
@@ -213,6 +314,10 @@ class InferenceResult:
     batch_size: int
     localization: Optional[str] = None
     option_probs: Optional[dict] = None
+    dense_prompt_tokens: int = 0
+    localization_prompt: Optional[str] = None
+    localization_prompt_tokens: int = 0
+    localization_new_tokens: int = 0
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field."""
@@ -223,8 +328,9 @@ class InferenceResult:
 class PreparedBatch:
     """What :meth:`TokenSparseInference.prepare_batch` returns: the answer stream's
     ``sparse`` inputs (pruned per ``mode``), the boxes used per sample with their source and
-    reason, the localization responses (``None`` where the stream did not run), the phase
-    timings so far (ms), the start time (``time.perf_counter``) and the batch number."""
+    reason, the localization responses (``None`` where the stream did not run) with their prompt
+    and generated token counts, the dense answer-prompt lengths, the phase timings so far (ms),
+    the start time (``time.perf_counter``) and the batch number."""
 
     mode: str
     samples: list
@@ -236,6 +342,10 @@ class PreparedBatch:
     timings: dict
     t_start: float
     batch: int
+    dense_prompt_tokens: list = dataclasses.field(default_factory=list)
+    localization_prompt: Optional[str] = None
+    localization_prompt_tokens: list = dataclasses.field(default_factory=list)
+    localization_new_tokens: list = dataclasses.field(default_factory=list)
 
 
 def as_sample(item: Any, index: int = 0) -> tuple[VQASample, Optional[list]]:
@@ -299,6 +409,32 @@ class _FirstToken:
         pass
 
 
+class _StopOnText:
+    """A ``generate`` stopping criterion: a row is done once the decoded tail of its new tokens
+    contains ``stop`` (the tail is long enough for any token split of ``stop``: every token
+    decodes to at least one character, or to nothing for a skipped special token, so the
+    last ``len(stop) + 2`` tokens hold a just-completed ``stop``). Rows stay done."""
+
+    def __init__(self, processor, stop: str):
+        self.processor = processor
+        self.stop = stop
+        self.tail = len(stop) + 2
+        self.done: Optional[torch.Tensor] = None
+        self.stopped_at: list = []  # per row: new tokens when it stopped (None: did not)
+
+    def __call__(self, input_ids, scores=None, **kwargs):
+        b = input_ids.shape[0]
+        if self.done is None or self.done.shape[0] != b:
+            self.done = torch.zeros(b, dtype=torch.bool)
+            self.stopped_at = [None] * b
+        tails = input_ids[:, -self.tail:].tolist()
+        for i, row in enumerate(tails):
+            if not self.done[i] and self.stop in self.processor.decode(row, skip_special_tokens=False):
+                self.done[i] = True
+                self.stopped_at[i] = int(input_ids.shape[1])
+        return self.done.to(input_ids.device).clone()
+
+
 class TokenSparseInference:
     """The dual-stream method's inference pipeline (see the module docs).
 
@@ -333,22 +469,35 @@ class TokenSparseInference:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _encode(self, samples, images, stream: str) -> dict:
+    def _encode(self, samples, images, stream: str, named: Optional[LocalizationPrompt] = None) -> dict:
         from .dualstream.data import build_messages
 
         prompt = self.method.prompts.for_stream(stream)
-        texts = [self.processor.apply_chat_template(build_messages(s, prompt)) for s in samples]
+        suffix = ""
+        if named is not None:
+            prompt, suffix = named.stream_prompt(prompt), named.response_prefix
+        texts = [self.processor.apply_chat_template(build_messages(s, prompt)) + suffix for s in samples]
         return self.processor(texts, images, padding_side="left", device=self.device)
 
-    def _generate(self, sparse: SparseInputs, max_new_tokens: int, extra: Optional[Mapping]) -> tuple:
+    def _generate(self, sparse: SparseInputs, max_new_tokens: int, extra: Optional[Mapping],
+                  stop: Optional[str] = None) -> tuple:
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False}
+        crit = None
+        if stop is not None:
+            from transformers import StoppingCriteriaList
+
+            crit = _StopOnText(self.processor, stop)
+            kwargs["stopping_criteria"] = StoppingCriteriaList([crit])
         kwargs.update(dict(extra or {}))
         clock = _FirstToken()
         t0 = self._now()
         ids = sparse_generate(self.model, sparse, streamer=clock, **kwargs)
         t1 = self._now()
         first = clock.first if clock.first is not None else t1
-        return ids, (first - t0) * 1e3, (t1 - first) * 1e3
+        counts = self._new_tokens(ids)
+        if crit is not None and crit.stopped_at:  # a stopped row generated exactly up to its stop string
+            counts = [a if a is not None else c for a, c in zip(crit.stopped_at, counts)]
+        return ids, (first - t0) * 1e3, (t1 - first) * 1e3, counts
 
     def _new_tokens(self, ids: torch.Tensor) -> list[int]:
         stops = self.model.generation_config.eos_token_id
@@ -436,6 +585,9 @@ class TokenSparseInference:
         box_list: list = [[] for _ in range(b)]
         sources: list = [None] * b
         reasons: list = [None] * b
+        loc_prompt_name: Optional[str] = None
+        loc_prompt_tokens: list = [0] * b
+        loc_new_tokens: list = [0] * b
         if kind == "sparse":
             max_boxes = self.method.format.max_boxes
             if boxes is not None:
@@ -446,16 +598,24 @@ class TokenSparseInference:
             elif localization_texts is not None or cfg.boxes == "generated":
                 if localization_texts is None:
                     t_pre = self._now()
-                    loc = self._encode(samples, images, "localization")
+                    loc_prompt_name = cfg.localization_prompt
+                    named = cfg.named_localization_prompt()
+                    loc = self._encode(samples, images, "localization", named)
                     if not torch.equal(loc["image_grid_thw"], grid):
                         raise RuntimeError("the two streams' image grids differ (the processor is not deterministic)")
                     dense_loc = prune_visual_tokens(self.model, loc["input_ids"], loc["attention_mask"], grid,
                                                     method="dense", image_embeds=emb)
-                    ids, pre_ms, _ = self._generate(dense_loc, cfg.localization_max_new_tokens,
-                                                    localization_generate_kwargs)
+                    limit = cfg.localization_max_new_tokens
+                    if named is not None and named.max_new_tokens is not None:
+                        limit = min(limit, named.max_new_tokens)
+                    ids, pre_ms, _, loc_new_tokens = self._generate(
+                        dense_loc, limit, localization_generate_kwargs,
+                        stop=named.stop if named is not None else None)
                     timings["localize_ms"] = (self._now() - t_pre) * 1e3
                     timings["localize_prefill_ms"] = pre_ms
-                    loc_texts = self.processor.batch_decode(ids)
+                    prefix = named.response_prefix if named is not None else ""
+                    loc_texts = [prefix + t for t in self.processor.batch_decode(ids)]
+                    loc_prompt_tokens = [int(v) for v in loc["attention_mask"].sum(1).tolist()]
                     src = "generated"
                 else:
                     loc_texts = [str(x) for x in localization_texts]
@@ -489,7 +649,9 @@ class TokenSparseInference:
         sparse = prune_visual_tokens(self.model, ans["input_ids"], ans["attention_mask"], grid, method=method,
                                      image_embeds=emb, config=self.method.pruning, **fkw)
         timings["prune_ms"] = (self._now() - t3) * 1e3
-        return PreparedBatch(mode, samples, sparse, box_list, sources, reasons, loc_texts, timings, t_start, batch_no)
+        dense_len = [int(v) for v in ans["attention_mask"].sum(1).tolist()]
+        return PreparedBatch(mode, samples, sparse, box_list, sources, reasons, loc_texts, timings, t_start, batch_no,
+                             dense_len, loc_prompt_name, loc_prompt_tokens, loc_new_tokens)
 
     @torch.no_grad()
     def run_batch(
@@ -533,10 +695,9 @@ class TokenSparseInference:
         # Answer.
         option_probs: list = [None] * b
         if cfg.answer == "generate":
-            ids, pre_ms, dec_ms = self._generate(sparse, cfg.max_new_tokens, generate_kwargs)
+            ids, pre_ms, dec_ms, new_tokens = self._generate(sparse, cfg.max_new_tokens, generate_kwargs)
             timings["prefill_ms"], timings["decode_ms"] = pre_ms, dec_ms
             responses = self.processor.batch_decode(ids)
-            new_tokens = self._new_tokens(ids)
         else:
             prefix = self.processor.tokenizer(cfg.choice_prefix, add_special_tokens=False)["input_ids"]
             letters = self._letter_ids()
@@ -575,6 +736,9 @@ class TokenSparseInference:
                 prompt_tokens=int(prompt_len[i]), new_tokens=int(new_tokens[i]),
                 timings={k: round(v, 3) for k, v in timings.items()}, batch=prep.batch, batch_size=b,
                 localization=prep.localization[i], option_probs=option_probs[i],
+                dense_prompt_tokens=int(prep.dense_prompt_tokens[i]), localization_prompt=prep.localization_prompt,
+                localization_prompt_tokens=int(prep.localization_prompt_tokens[i]),
+                localization_new_tokens=int(prep.localization_new_tokens[i]),
             ))
         return results
 
@@ -610,6 +774,46 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (torch.set_num_threads)")
 
 
+def _positive(value, flag: str) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{flag} must be >= 1, got {value}")
+
+
+def _check_keep_ratio(value, flag: str = "--keep-ratio") -> None:
+    if value is not None and not 0.0 < value <= 1.0:
+        raise UsageError(f"{flag} must be in (0, 1], got {value:g}")
+
+
+def _check_modes(modes: Sequence[str], flag: str = "--mode") -> None:
+    for m in modes:
+        try:
+            parse_mode(m)
+        except ValueError:
+            raise UsageError(f"{flag}: unknown mode {m!r}; use dense, sparse or "
+                             f"baseline:<{'|'.join(BASELINES)}>") from None
+
+
+def _check_model_args(args) -> None:
+    """Checks the flags of :func:`_add_model_args` before anything is loaded: ``--model`` is
+    ``tiny`` or a folder, ``--device`` parses and (CUDA) is usable, ``--threads`` >= 1."""
+    if args.model not in (None, "tiny") and not Path(args.model).is_dir():
+        raise UsageError(f"--model: {args.model!r} is neither 'tiny' nor a local checkpoint folder")
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device: {args.device!r} is not a device (cpu, cuda or cuda:N)") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UsageError(f"--device {args.device}: no CUDA device is usable here "
+                                 f"(torch {torch.__version__}, CUDA {torch.version.cuda}); use --device cpu")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+        elif dev.type != "cpu":
+            raise UsageError(f"--device: {args.device!r} is not supported (cpu, cuda or cuda:N)")
+    _positive(args.threads, "--threads")
+
+
 def _load(args):
     from .dualstream.models import load_model_and_processor
 
@@ -621,8 +825,28 @@ def _load(args):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m tsparse.infer``: one question through the pipeline; prints the result."""
-    p = argparse.ArgumentParser(prog="python -m tsparse.infer", description=__doc__.split("\n\n")[0])
+    """``python -m tsparse.infer``: one question through the pipeline; prints the result. A user's
+    mistake prints one line on stderr naming it and returns 2 (``--debug``: the traceback)."""
+    return run_cli(_main, argv, "python -m tsparse.infer")
+
+
+def _check_infer_args(args) -> None:
+    _check_model_args(args)
+    if args.mode is not None:
+        _check_modes([args.mode])
+    _check_keep_ratio(args.keep_ratio)
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    _positive(args.localization_max_new_tokens, "--localization-max-new-tokens")
+    if args.index < 0:
+        raise UsageError(f"--index must be >= 0, got {args.index}")
+    for path in args.image or ():
+        check_image_file(path, "--image")
+    if args.data is not None and not Path(args.data).is_file():
+        raise UsageError(f"--data: no such file {args.data!r}")
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    p = ArgumentParser(prog="python -m tsparse.infer", description=__doc__.split("\n\n")[0])
     _add_model_args(p)
     p.add_argument("--image", action="append", default=None, help="an image path (repeat for several)")
     p.add_argument("--question", default=None, help="the question (options as 'A) ...' lines)")
@@ -639,11 +863,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--localization-max-new-tokens", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--fusion", default=None, choices=list(FUSION_METHODS),
+                   help="the sparse mode's fusion method (default: pruning.fuse of the method config)")
+    p.add_argument("--localization-prompt", default=None,
+                   help="named localization prompt: full (the method's own) or one under inference.localization_prompts "
+                        "of the eval config, e.g. box_only")
     args = p.parse_args(argv)
+    _check_infer_args(args)
 
     ecfg = load_eval_config(args.config)
+    known_prompts = [FULL_PROMPT] + sorted(ecfg["inference"].localization_prompts)
+    if args.localization_prompt is not None and args.localization_prompt not in known_prompts:
+        p.error(f"--localization-prompt: unknown prompt {args.localization_prompt!r}; known: {known_prompts}")
     over = {k: v for k, v in {
-        "mode": args.mode, "fuse": args.fuse, "keep_ratio": args.keep_ratio, "answer": args.answer,
+        "mode": args.mode, "fuse": args.fusion if args.fusion is not None else args.fuse,
+        "localization_prompt": args.localization_prompt, "keep_ratio": args.keep_ratio, "answer": args.answer,
         "max_new_tokens": args.max_new_tokens, "localization_max_new_tokens": args.localization_max_new_tokens,
         "batch_size": 1,
     }.items() if v is not None}
@@ -654,6 +888,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             given_boxes = [json.loads(args.boxes)]
         except ValueError:
+            given_boxes = None
+        if given_boxes is None or not isinstance(given_boxes[0], list):
             p.error("--boxes must be 'generated', 'oracle' or a JSON list of [x1, y1, x2, y2] boxes")
     cfg = dataclasses.replace(ecfg["inference"], **over)
     if parse_mode(cfg.mode)[0] == "baseline" and cfg.keep_ratio is None:
@@ -684,7 +920,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     print(f"mode: {res.mode}   model: {args.model}   device: {pipe.device}")
     if res.localization is not None:
-        print(f"localization: {res.localization[:400]!r}")
+        print(f"localization ({res.localization_prompt} prompt, {res.localization_new_tokens} tokens): "
+              f"{res.localization[:400]!r}")
     if res.mode == "sparse":
         print(f"boxes ({res.box_source}): {res.boxes if res.boxes else 'none - ' + str(res.box_reason)}")
     kept = ", ".join(f"{k}/{n}" for k, n in zip(res.kept_tokens, res.visual_tokens))

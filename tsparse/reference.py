@@ -120,22 +120,112 @@ def fuse_tokens_ref(
     return y, assign
 
 
-def select_visual_tokens_ref(
-    image_embeds: Tensor, boxes: Tensor, box_offsets: Tensor, image_grid_thw: Tensor, *, fuse: bool = True,
-    **mask_options,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Reference of :func:`tsparse.ops.select_visual_tokens`: (embeds, kept index, keep)."""
-    keep, _ = box_to_patch_mask_ref(boxes, box_offsets, image_grid_thw, **mask_options)
-    keep = keep.to(image_embeds.device)
-    index = keep.nonzero().reshape(-1)
-    if not fuse:
-        return image_embeds[index], index, keep
-    m = mask_options.get("merge_size", 2)
+def nearest_assignment_ref(keep: Tensor, token_offsets: Sequence[int], coords: Tensor) -> Tensor:
+    """Each row's output row when every dropped token joins the kept token of its image
+    nearest in ``coords`` (squared Euclidean distance in fp64; ties: the lowest index)."""
+    n = keep.shape[0]
+    assign = torch.full((n,), -1, dtype=torch.int64)
+    c = coords.detach().to(torch.float64).cpu()
+    kcpu = keep.cpu()
+    out_row = 0
+    for i in range(len(token_offsets) - 1):
+        a, b = int(token_offsets[i]), int(token_offsets[i + 1])
+        rows = torch.arange(a, b)
+        kept, dropped = rows[kcpu[a:b]], rows[~kcpu[a:b]]
+        if kept.numel() == 0:
+            continue
+        assign[kept] = torch.arange(out_row, out_row + kept.numel())
+        for r in dropped.tolist():
+            d = ((c[kept] - c[r]) ** 2).sum(1)
+            assign[r] = out_row + int(torch.nonzero(d == d.min())[0])  # the lowest index among ties
+        out_row += kept.numel()
+    return assign.to(keep.device)
+
+
+def token_coords_ref(image_grid_thw: Tensor, merge_size: int = 2) -> Tensor:
+    """float64 [N, 3] (t, row, col) of every merged token, Qwen2.5-VL order (a plain loop)."""
+    rows = []
+    for t, h, w in image_grid_thw.tolist():
+        for tt in range(t):
+            for r in range(h // merge_size):
+                for c in range(w // merge_size):
+                    rows.append((tt, r, c))
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)
+
+
+def summary_tokens_ref(x: Tensor, keep: Tensor, image_grid_thw: Tensor, merge_size: int = 2):
+    """Reference of :func:`tsparse.ops.summary_tokens`: ``(y, assign, keep_out, is_summary)``,
+    a plain per-image loop (the slot: the dropped cell nearest to the image centre in
+    (t, row, col), ties the lowest index; its row the mean of the image's dropped rows)."""
+    keep_out = keep.detach().cpu().clone()
+    slots = {}
+    start = 0
+    for i, (t, h, w) in enumerate(image_grid_thw.tolist()):
+        hh, ww = h // merge_size, w // merge_size
+        n = t * hh * ww
+        k = keep_out[start:start + n]
+        if 0 < int(k.sum()) < n:
+            best = None
+            for j in range(n):
+                if k[j]:
+                    continue
+                tt, r, c = j // (hh * ww), (j // ww) % hh, j % ww
+                d = (tt - (t - 1) / 2) ** 2 + (r - (hh - 1) / 2) ** 2 + (c - (ww - 1) / 2) ** 2
+                if best is None or d < best[0]:
+                    best = (d, j)
+            slots[i] = (start + best[1], list(range(start, start + n)))
+        start += n
+    for slot, _ in slots.values():
+        keep_out[slot] = True
+    kept_rows = keep_out.nonzero().reshape(-1).tolist()
+    out_of = {r: o for o, r in enumerate(kept_rows)}
+    assign = torch.full((keep.shape[0],), -1, dtype=torch.int64)
+    for r in kept_rows:
+        assign[r] = out_of[r]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(acc)[kept_rows].clone() if kept_rows else x.new_zeros(0, x.shape[1], dtype=acc)
+    is_summary = torch.zeros(len(kept_rows), dtype=torch.bool)
+    for slot, members in slots.values():
+        dropped = [m for m in members if not bool(keep[m])]
+        for m in dropped:
+            assign[m] = out_of[slot]
+        y[out_of[slot]] = x.to(acc)[dropped].mean(0)
+        is_summary[out_of[slot]] = True
+    dev = x.device
+    return y.to(x.dtype), assign.to(dev), keep_out.to(dev), is_summary.to(dev)
+
+
+def fuse_visual_tokens_ref(x: Tensor, keep: Tensor, image_grid_thw: Tensor, method: str, merge_size: int = 2):
+    """Reference of :func:`tsparse.ops.fuse_visual_tokens`: ``(embeds, kept index, keep_out)``."""
     offsets = [0]
     for t, h, w in image_grid_thw.tolist():
-        offsets.append(offsets[-1] + t * (h // m) * (w // m))
-    y, _ = fuse_tokens_ref(image_embeds, keep, offsets)
+        offsets.append(offsets[-1] + t * (h // merge_size) * (w // merge_size))
+    if method == "summary":
+        y, _, keep_out, _ = summary_tokens_ref(x, keep, image_grid_thw, merge_size)
+        return y, keep_out.nonzero().reshape(-1), keep_out
+    index = keep.nonzero().reshape(-1)
+    if method == "none":
+        return x[index], index, keep
+    if method == "cosine_mean":
+        y, _ = fuse_tokens_ref(x, keep, offsets)
+    elif method == "nearest_kept":
+        assign = nearest_assignment_ref(keep, offsets, token_coords_ref(image_grid_thw, merge_size))
+        y, _ = fuse_tokens_ref(x, keep, offsets, assign=assign)
+    else:
+        raise ValueError(f"unknown fusion method {method!r}")
     return y, index, keep
+
+
+def select_visual_tokens_ref(
+    image_embeds: Tensor, boxes: Tensor, box_offsets: Tensor, image_grid_thw: Tensor, *, fuse=True,
+    **mask_options,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference of :func:`tsparse.ops.select_visual_tokens`: (embeds, kept index, keep).
+    ``fuse``: a fusion method name, or True / False for cosine_mean / none."""
+    keep, _ = box_to_patch_mask_ref(boxes, box_offsets, image_grid_thw, **mask_options)
+    keep = keep.to(image_embeds.device)
+    method = {True: "cosine_mean", False: "none"}.get(fuse, fuse)
+    return fuse_visual_tokens_ref(image_embeds, keep, image_grid_thw, method, mask_options.get("merge_size", 2))
 
 
 def fuse_tokens_eager(x: Tensor, keep: Tensor, token_offsets: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -295,16 +385,20 @@ def masked_mean_ref(values: Tensor, mask: Tensor) -> Tensor:
     return _masked_sum(values, mask) / (mask.sum() + 1e-8)
 
 
-def agg_loss_ref(loss: Tensor, mask: Tensor, mode: str, seq_ids: Optional[Tensor] = None) -> Tensor:
+def agg_loss_ref(loss: Tensor, mask: Tensor, mode: str, seq_ids: Optional[Tensor] = None,
+                 loss_scale_factor: Optional[float] = None) -> Tensor:
     """verl 0.9.1 ``agg_loss`` (dp_size = 1) on flat tokens: ``seq_ids`` names each token's
-    sequence (verl's rows). A selection with no tokens aggregates to 0 (verl: 0 / 0)."""
+    sequence (verl's rows); ``seq-mean-token-sum-norm`` divides ``seq-mean-token-sum`` by
+    ``loss_scale_factor`` (verl's default, the padded width, does not exist for flat tokens).
+    A selection with no tokens aggregates to 0 (verl: 0 / 0). Masked tokens never reach the
+    result, even when not finite (``where``, as verl's ``masked_sum``)."""
     m = mask.to(loss.dtype)
     if mode == "token-mean":
         n = m.sum()
         return _masked_sum(loss, m) / n if float(n) != 0 else _masked_sum(loss, m) * 0
     if mode == "token-sum":
         return _masked_sum(loss, m)
-    if mode not in ("seq-mean-token-sum", "seq-mean-token-mean"):
+    if mode not in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
         raise ValueError(f"unknown loss_agg {mode!r}")
     total, nseq = _masked_sum(loss, m) * 0, 0
     for q in torch.unique(seq_ids).tolist():
@@ -317,7 +411,10 @@ def agg_loss_ref(loss: Tensor, mask: Tensor, mode: str, seq_ids: Optional[Tensor
             seq_loss = seq_loss / (count + 1e-8)
         total = total + seq_loss
         nseq += 1
-    return total / nseq if nseq else total
+    total = total / nseq if nseq else total
+    if mode == "seq-mean-token-sum-norm":
+        total = total / loss_scale_factor
+    return total
 
 
 def grpo_loss_ref(
@@ -327,6 +424,7 @@ def grpo_loss_ref(
     entropy_coef: float = 0.0, stream: Optional[Tensor] = None, stream_weights: Optional[Sequence[float]] = None,
     num_streams: Optional[int] = None, loss_agg: str = "token-mean", seq_ids: Optional[Tensor] = None,
     is_weights: Optional[Tensor] = None, dtype: Optional[torch.dtype] = torch.float64,
+    loss_scale_factor: Optional[float] = None,
 ) -> dict:
     """Reference of :func:`tsparse.ops.grpo_loss`: per stream s, verl's ``ppo_loss`` on the
     stream's masked tokens (``pg_loss - entropy_coef * entropy_loss + kl_coef * kl_loss``, each
@@ -348,17 +446,19 @@ def grpo_loss_ref(
     else:
         s_count = len(stream_weights) if stream_weights is not None else (num_streams or int(stream.max()) + 1)
     weights = list(stream_weights) if stream_weights is not None else [1.0] * s_count
-    loss = logp.sum() * 0
+    # Zero, on the graph, but never NaN: `logp.sum() * 0` is NaN when a (masked) row of the
+    # logits is not finite, while the loss only reads the unmasked tokens.
+    loss = _masked_sum(logp, torch.zeros_like(logp))
     metrics = {k: [] for k in ("pg_loss", "clipfrac", "clipfrac_lower", "ppo_kl", "kl", "entropy", "tokens")}
     for s in range(s_count):
         ms = m * (stream == s).to(cd)
-        pg_s = agg_loss_ref(pl["pg"], ms, loss_agg, seq_ids)
-        ent_s = agg_loss_ref(entropy, ms, loss_agg, seq_ids)
+        pg_s = agg_loss_ref(pl["pg"], ms, loss_agg, seq_ids, loss_scale_factor)
+        ent_s = agg_loss_ref(entropy, ms, loss_agg, seq_ids, loss_scale_factor)
         loss_s = pg_s - entropy_coef * ent_s
         metrics["pg_loss"].append(pg_s.detach())
         metrics["entropy"].append(ent_s.detach())
         if kld is not None:
-            kl_s = agg_loss_ref(kld, ms, loss_agg, seq_ids)
+            kl_s = agg_loss_ref(kld, ms, loss_agg, seq_ids, loss_scale_factor)
             loss_s = loss_s + kl_s * kl_coef
             metrics["kl"].append(kl_s.detach())
         metrics["clipfrac"].append(masked_mean_ref(pl["clipped"].to(cd), ms).detach())

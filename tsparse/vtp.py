@@ -7,8 +7,8 @@ one of these methods (``shared/notes/anchors.md`` says where each published meth
 
 * ``"dense"`` - keeps every token (the reference every ratio is measured against).
 * ``"grounded"`` - tsparse's method: the tokens inside the localization stream's boxes
-  (:func:`~tsparse.dualstream.pruning.sparse_stream_inputs`: ``select_visual_tokens``, fusion on
-  or off, fallback to the full image). Its keep ratio is whatever the boxes cover.
+  (:func:`~tsparse.dualstream.pruning.sparse_stream_inputs`: ``select_visual_tokens`` with the
+  named fusion method, fallback to the full image). Its keep ratio is whatever the boxes cover.
 * ``"random"`` - a uniformly random subset of each image's tokens (seeded per image).
 * ``"pool"`` - uniform spatial pooling: the image's token grid cut into ``k`` near-equal blocks
   on a regular lattice; each block becomes one token (the mean of its tokens) at the position of
@@ -30,8 +30,9 @@ published methods is deliberate, so that all of them answer from the same kind o
 FastV prunes inside the LLM (its first layers see every token); here its ranking is a
 selection pass and the answer pass, like every other method's, is a sparse sequence from the
 first layer on. Pruning happens after the vision tower (DivPrune's and VisionZip's place), on
-the merger's output. Baselines drop the unselected tokens by default; ``fuse=True`` merges them
-into the kept ones with tsparse's fusion instead (not for ``pool``, which has its own merge).
+the merger's output. Baselines drop the unselected tokens by default; ``fuse=<method>`` handles
+them with one of tsparse's fusion methods instead (:data:`tsparse.ops.FUSION_METHODS`; ``True``
+= ``cosine_mean``; not for ``pool``, which has its own merge).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from torch import Tensor
 
 from .dualstream.config import PruningConfig
 from .dualstream.pruning import SparseInputs, _base_model, assemble_sparse_inputs, sparse_stream_inputs
-from .ops import fuse_tokens, gather_tokens
+from .ops import fuse_visual_tokens, fusion_method
 
 __all__ = [
     "PRUNING_METHODS",
@@ -337,7 +338,7 @@ def prune_visual_tokens(
     boxes: Optional[Sequence] = None,
     keep_ratio: Optional[float] = None,
     keep_counts: Optional[Sequence[int]] = None,
-    fuse: Optional[bool] = None,
+    fuse: Union[bool, str, None] = None,
     config: Optional[PruningConfig] = None,
     fastv_layer: Optional[int] = None,
     seeds: Optional[Sequence[int]] = None,
@@ -357,9 +358,12 @@ def prune_visual_tokens(
         keep_ratio / keep_counts: baselines only, exactly one: a ratio in (0, 1] applied to
             each image, or the kept count of each image (e.g. matched to what the grounded
             method kept for the same image).
-        fuse: ``"grounded"``: fusion on/off (default ``config.fuse``); baselines: merge the
-            dropped tokens into the kept ones with :func:`tsparse.ops.fuse_tokens` (default
-            False; not for ``"pool"``).
+        fuse: the fusion method of the dropped tokens (:data:`tsparse.ops.FUSION_METHODS`;
+            ``True``/``False`` = ``"cosine_mean"``/``"none"``): ``"grounded"``: default
+            ``config.fuse``; baselines: default ``"none"`` (dropped, as published), else
+            :func:`tsparse.ops.fuse_visual_tokens` on the baseline's selection (not for
+            ``"pool"``). With ``"summary"`` each pruned image gets one summary token on top of
+            its kept count.
         config: the :class:`~tsparse.dualstream.config.PruningConfig` (grounded's mask
             options and fallback; ``padding_side`` for all methods).
         fastv_layer: ``"fastv"``: the ranking layer (default 1, see :func:`fastv_scores`;
@@ -401,8 +405,9 @@ def prune_visual_tokens(
         return assemble_sparse_inputs(model, input_ids, attention_mask, image_grid_thw, keep, embeds,
                                       padding_side=side, pad_token_id=pad_token_id)
 
+    fusion = "none" if fuse is None else fusion_method(fuse)
     if method == "dense":
-        if keep_ratio is not None or keep_counts is not None or fuse:
+        if keep_ratio is not None or keep_counts is not None or fusion != "none":
             raise ValueError("method='dense' keeps every token: no `keep_ratio`, `keep_counts` or `fuse`")
         return assemble(torch.ones(sum(token_counts), dtype=torch.bool, device=image_embeds.device), image_embeds)
 
@@ -411,7 +416,7 @@ def prune_visual_tokens(
     counts = keep_counts_for_ratio(token_counts, keep_ratio) if keep_ratio is not None else _check_counts(
         keep_counts, token_counts)
     if method == "pool":
-        if fuse:
+        if fusion != "none":
             raise ValueError("`fuse` does not apply to method='pool' (pooling merges spatially)")
         keep, embeds = select_pool(image_embeds, grid, counts, merge_size=merge)
         return assemble(keep, embeds)
@@ -425,8 +430,5 @@ def prune_visual_tokens(
         layer = min(1, n_layers - 1) if fastv_layer is None else fastv_layer
         dense = assemble(torch.ones(sum(token_counts), dtype=torch.bool, device=image_embeds.device), image_embeds)
         keep = select_top_scores(fastv_scores(model, dense, layer), token_counts, counts)
-    if fuse:
-        embeds, _ = fuse_tokens(image_embeds, keep, _offsets(token_counts), kept_counts=counts)
-    else:
-        embeds = gather_tokens(image_embeds, torch.nonzero_static(keep, size=sum(counts)).reshape(-1))
-    return assemble(keep, embeds)
+    sel = fuse_visual_tokens(image_embeds, keep, grid, fuse=fusion, kept_counts=counts, merge_size=merge)
+    return assemble(sel.keep, sel.embeds)

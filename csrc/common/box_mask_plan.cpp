@@ -19,10 +19,10 @@ at::Tensor host_int64(const at::Tensor& t) {
 
 }  // namespace
 
-BoxMaskPlan plan_box_mask(const at::Tensor& boxes, const at::Tensor& box_offsets,
-                          const at::Tensor& image_grid_thw, int64_t num_tokens,
-                          int64_t patch_size, int64_t merge_size, double margin,
-                          double min_coverage) {
+BoxMaskPlan check_box_mask_args(const at::Tensor& boxes, const at::Tensor& box_offsets,
+                                const at::Tensor& image_grid_thw, int64_t num_tokens,
+                                int64_t patch_size, int64_t merge_size, double margin,
+                                double min_coverage) {
   TORCH_CHECK_TYPE(at::isFloatingType(boxes.scalar_type()), "tsparse.", kOp,
                    ": `boxes` must be a floating tensor, got ", boxes.scalar_type());
   TORCH_CHECK_VALUE(boxes.dim() == 2 && boxes.size(1) == 4, "tsparse.", kOp,
@@ -59,7 +59,27 @@ BoxMaskPlan plan_box_mask(const at::Tensor& boxes, const at::Tensor& box_offsets
                     ": `margin` must be a finite number >= 0 (in cells), got ", margin);
   TORCH_CHECK_VALUE(std::isfinite(min_coverage) && min_coverage >= 0.0 && min_coverage < 1.0,
                     "tsparse.", kOp, ": `min_coverage` must be in [0, 1), got ", min_coverage);
+  TORCH_CHECK_VALUE(num_tokens >= 0, "tsparse.", kOp, ": `num_tokens` must be >= 0, got ", num_tokens);
+  if (num_images == 0) {  // decidable without reading any value
+    TORCH_CHECK_VALUE(boxes.size(0) == 0, "tsparse.", kOp, ": `box_offsets[-1]` must equal the number of boxes (",
+                      boxes.size(0), "), but there are no images");
+    TORCH_CHECK_VALUE(num_tokens == 0, "tsparse.", kOp, ": `num_tokens` = ", num_tokens,
+                      " but `image_grid_thw` describes 0 merged tokens");
+  }
+  BoxMaskPlan plan;
+  plan.boxes = boxes.to(at::kDouble).contiguous();
+  plan.num_images = num_images;
+  plan.cell_px = static_cast<double>(patch_size) * static_cast<double>(merge_size);
+  return plan;
+}
 
+BoxMaskPlan plan_box_mask(const at::Tensor& boxes, const at::Tensor& box_offsets,
+                          const at::Tensor& image_grid_thw, int64_t num_tokens,
+                          int64_t patch_size, int64_t merge_size, double margin,
+                          double min_coverage, bool pinned) {
+  BoxMaskPlan plan = check_box_mask_args(boxes, box_offsets, image_grid_thw, num_tokens, patch_size,
+                                         merge_size, margin, min_coverage);
+  const int64_t num_images = plan.num_images;
   const at::Tensor grid = host_int64(image_grid_thw);
   const at::Tensor offs = host_int64(box_offsets);
   const int64_t* g = grid.data_ptr<int64_t>();
@@ -70,7 +90,7 @@ BoxMaskPlan plan_box_mask(const at::Tensor& boxes, const at::Tensor& box_offsets
                     ": `box_offsets[-1]` must equal the number of boxes (", num_boxes, "), got ",
                     o[num_images]);
 
-  at::Tensor meta = at::empty({num_images, 6}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor meta = at::empty({num_images, 6}, at::TensorOptions().dtype(at::kLong).pinned_memory(pinned));
   int64_t* m = meta.data_ptr<int64_t>();
   int64_t tokens = 0;
   for (int64_t i = 0; i < num_images; ++i) {
@@ -98,11 +118,7 @@ BoxMaskPlan plan_box_mask(const at::Tensor& boxes, const at::Tensor& box_offsets
                     " but `image_grid_thw` describes ", tokens, " merged tokens (sum of t*h*w / ",
                     merge_size * merge_size, ")");
 
-  BoxMaskPlan plan;
-  plan.boxes = boxes.to(at::kDouble).contiguous();
   plan.image_meta = meta;
-  plan.num_images = num_images;
-  plan.cell_px = static_cast<double>(patch_size) * static_cast<double>(merge_size);
   return plan;
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
@@ -24,15 +25,15 @@ inline c10::ScalarType logprobs_acc_type(c10::ScalarType t) {
   return t == c10::kDouble ? c10::kDouble : c10::kFloat;
 }
 
-// The kernels scale by 1 / temperature in the accumulator type: it must be finite there (a
-// float32 accumulator overflows below ~2.9e-39).
+// The kernels scale by log2(e) / temperature (and 1 / temperature) in the accumulator type:
+// both must be finite there (a float32 accumulator overflows below ~4.2e-39).
 inline void check_temperature(double temperature, const char* op, c10::ScalarType logits_type) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, "tsparse.", op,
                     ": `temperature` must be a finite number > 0, got ", temperature);
   const double inv_max = logits_type == c10::kDouble ? double(std::numeric_limits<double>::max())
                                                      : double(std::numeric_limits<float>::max());
-  TORCH_CHECK_VALUE(1.0 / temperature <= inv_max, "tsparse.", op, ": `temperature` = ",
-                    temperature, " is too small: 1 / temperature overflows the ",
+  TORCH_CHECK_VALUE(grpo::kLog2e / temperature <= inv_max, "tsparse.", op, ": `temperature` = ",
+                    temperature, " is too small: log2(e) / temperature overflows the ",
                     logits_type == c10::kDouble ? "float64" : "float32", " accumulator");
 }
 
@@ -66,6 +67,28 @@ inline void check_inplace_logits(const at::Tensor& logits, const char* op) {
   TORCH_CHECK_VALUE(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1), "tsparse.", op,
                     ": the in-place backward needs non-overlapping `logits` rows, got strides ",
                     logits.strides());
+}
+
+// scale_rows_ (x[r, :] *= scale, in place): floating rows written once each, a one-element
+// floating scale on x's device.
+inline void check_scale_rows(const at::Tensor& x, const at::Tensor& scale) {
+  constexpr const char* op = "scale_rows_";
+  // The dispatcher lets None through for a required Tensor: name it instead of torch's
+  // "tensor does not have a device".
+  TORCH_CHECK_TYPE(x.defined(), "tsparse.", op, ": `x` must be a tensor, got None");
+  TORCH_CHECK_TYPE(scale.defined(), "tsparse.", op, ": `scale` must be a tensor, got None");
+  TORCH_CHECK_TYPE(is_row_dtype(x.scalar_type()), "tsparse.", op,
+                   ": `x` must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, "tsparse.", op, ": `x` must be 2-D, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(1) <= 1 || x.stride(1) == 1, "tsparse.", op,
+                    ": `x` must have a contiguous last dimension, got strides ", x.strides());
+  TORCH_CHECK_VALUE(x.size(0) <= 1 || x.stride(0) >= x.size(1), "tsparse.", op,
+                    ": `x` rows must not overlap (each element is scaled once), got strides ", x.strides());
+  TORCH_CHECK_VALUE(scale.numel() == 1 && scale.device() == x.device(), "tsparse.", op,
+                    ": `scale` must be a one-element tensor on ", x.device(), ", got shape ", scale.sizes(), " on ",
+                    scale.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()), "tsparse.", op,
+                   ": `scale` must be a floating tensor, got ", scale.scalar_type());
 }
 
 inline at::Tensor prep_targets(const at::Tensor& targets, const at::Tensor& logits, const char* op) {
@@ -205,6 +228,76 @@ inline GrpoTokenPrep prep_grpo_token_terms(const at::Tensor& logp, const at::Ten
     p.is_weights = prep_vector(*is_weights, n, acc, logp, op, "is_weights", "logp");
   }
   return p;
+}
+
+// ---- fused GRPO loss (grpo_loss_fused / grpo_loss_fused_) --------------------------------
+struct GrpoFusedPrep {
+  at::Tensor logits;  // rows view
+  at::Tensor targets;
+  at::Tensor old_logp, advantages, ref_logp, is_weights, token_weight;  // acc [T] contiguous
+  grpo::GrpoParams params;
+  bool use_kl = false;  // ref_logp given and kl_coef != 0: the loss has kl_coef * kl
+  double kl_coef = 0.0;
+  double entropy_coef = 0.0;
+  bool with_entropy = false;  // entropy output (forced when entropy_coef != 0)
+};
+
+inline GrpoFusedPrep prep_grpo_fused(const at::Tensor& logits, const at::Tensor& targets,
+                                     const at::Tensor& old_logp, const at::Tensor& advantages,
+                                     const c10::optional<at::Tensor>& ref_logp,
+                                     const c10::optional<at::Tensor>& is_weights,
+                                     const at::Tensor& token_weight, double temperature, double clip_low,
+                                     double clip_high, double clip_ratio_c, c10::string_view kl_type,
+                                     int64_t clamp_edges, double kl_coef, double entropy_coef,
+                                     bool with_entropy, const char* op) {
+  check_logits(logits, op);
+  check_temperature(temperature, op, logits.scalar_type());
+  TORCH_CHECK_VALUE(std::isfinite(kl_coef), "tsparse.", op, ": `kl_coef` must be finite, got ", kl_coef);
+  TORCH_CHECK_VALUE(std::isfinite(entropy_coef), "tsparse.", op, ": `entropy_coef` must be finite, got ",
+                    entropy_coef);
+  TORCH_CHECK_VALUE(kl_coef == 0.0 || ref_logp.has_value(), "tsparse.", op,
+                    ": `ref_logp` is required when kl_coef != 0 (got kl_coef=", kl_coef, ")");
+  const int64_t n = logits.size(0);
+  const c10::ScalarType acc = logprobs_acc_type(logits.scalar_type());
+  GrpoFusedPrep p;
+  p.params = parse_grpo_params(clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges, ref_logp.has_value(), op);
+  p.logits = logits_rows(logits);
+  p.targets = prep_targets(targets, logits, op);
+  p.old_logp = prep_vector(old_logp, n, acc, logits, op, "old_logp", "logits");
+  p.advantages = prep_vector(advantages, n, acc, logits, op, "advantages", "logits");
+  p.token_weight = prep_vector(token_weight, n, acc, logits, op, "token_weight", "logits");
+  if (ref_logp.has_value()) p.ref_logp = prep_vector(*ref_logp, n, acc, logits, op, "ref_logp", "logits");
+  if (is_weights.has_value()) p.is_weights = prep_vector(*is_weights, n, acc, logits, op, "is_weights", "logits");
+  p.use_kl = ref_logp.has_value() && kl_coef != 0.0;
+  p.kl_coef = kl_coef;
+  p.entropy_coef = entropy_coef;
+  p.with_entropy = with_entropy || entropy_coef != 0.0;
+  return p;
+}
+
+// The in-place variant overwrites `logits` row by row while other rows' per-token inputs are
+// still read: inputs that share its storage are copied first.
+inline void unalias_fused_from_logits(GrpoFusedPrep& p, const at::Tensor& logits) {
+  for (at::Tensor* t : {&p.targets, &p.old_logp, &p.advantages, &p.ref_logp, &p.is_weights, &p.token_weight}) {
+    if (t->defined() && t->is_alias_of(logits)) *t = t->clone();
+  }
+}
+
+// A [rows, cols] gradient buffer whose rows start at the same offset from a 16-byte boundary
+// as the logits' rows (so a kernel can move both with the same 16-byte vectors): contiguous
+// when the logits' rows are (the usual case), else the smallest row stride >= cols that is
+// congruent to the logits' row stride modulo a 16-byte vector, and the logits' base phase.
+// The gradient's rows never overlap, even where the logits' rows do (an expanded or unfolded
+// view with a row stride below cols: its rows' gradients differ and autograd sums them).
+inline at::Tensor alloc_grad_like_rows(const at::Tensor& rows) {
+  const int64_t t = rows.size(0), v = rows.size(1), e = rows.element_size();
+  const int64_t s = row_stride(rows);
+  const int64_t per_vec = 16 / e;
+  const int64_t stride = v + (((s - v) % per_vec) + per_vec) % per_vec;  // >= v, = s mod per_vec
+  const int64_t phase = static_cast<int64_t>(reinterpret_cast<uintptr_t>(rows.data_ptr()) % 16) / e;
+  if (stride == v && phase == 0) return at::empty({t, v}, rows.options());
+  at::Tensor buf = at::empty({t * stride + per_vec}, rows.options());  // storage is 16-byte aligned
+  return buf.as_strided({t, v}, {stride, 1}, phase);
 }
 
 }  // namespace tsparse

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <limits>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
@@ -41,6 +42,12 @@ inline ScatterPrep prep_scatter(const at::Tensor& src, const at::Tensor& index, 
   TORCH_CHECK_VALUE(index.size(0) == src.size(0), "tsparse.", op, ": `index` has ", index.size(0),
                     " entries but `src` has ", src.size(0), " rows");
   TORCH_CHECK_VALUE(num_rows >= 0, "tsparse.", op, ": `num_rows` must be >= 0, got ", num_rows);
+  // The [num_rows, D] output and the int32 inverse [num_rows]: their byte counts must fit in
+  // int64 (torch's own message would be "Storage size calculation overflowed").
+  const int64_t row_bytes = src.size(1) * static_cast<int64_t>(src.element_size()) + 4;
+  TORCH_CHECK_VALUE(num_rows <= std::numeric_limits<int64_t>::max() / row_bytes, "tsparse.", op, ": `num_rows` = ",
+                    num_rows, " is too large: the [num_rows, ", src.size(1),
+                    "] output and its int32 row map would need more than 2^63 bytes");
   check_int32_rows(src.size(0), op, "src");
   ScatterPrep p{rows_view(src), index.contiguous(), at::Tensor()};
   if (fill.has_value()) {

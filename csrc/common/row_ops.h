@@ -52,8 +52,11 @@ struct RowKernels {
   at::Tensor (*row_inv_norms)(const at::Tensor&, double);
 };
 
+// coords: nullopt -> the most cosine-similar kept token (fuse_tokens); float64 [N, C] -> the
+// kept token nearest in those coordinates (fuse_tokens_nearest).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_impl(const at::Tensor& x,
                                                                 const at::Tensor& keep,
+                                                                const c10::optional<at::Tensor>& coords,
                                                                 at::IntArrayRef token_offsets,
                                                                 at::IntArrayRef kept_counts,
                                                                 const RowKernels& kernels);

@@ -97,13 +97,21 @@ inline VarlenPackPrep prep_varlen_pack(const at::Tensor& attention_mask,
 }
 
 // varlen_gather's `inverse` ([N] int32: packed row of each input row, -1 if dropped) is what its
-// backward scatters by, so it must be exactly the inverse of `indices` ([M], already range-checked
-// by the gather): inverse[indices[p]] == p for every p, and no other entry >= 0. Checked without
-// a host sync on CUDA (check_on_device). A few [N]/[M] int32 passes, next to the [M, D] gather.
-inline void check_varlen_inverse(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& inverse) {
+// backward scatters by. Its shape, dtype and device are always checked; its VALUES only when a
+// caller passes it (check_inverse = true, the default of the raw op): pack_varlen / pack_batch
+// hand over varlen_pack's own output, which is the inverse of `indices` by construction, and
+// skip the value check (a few [N]/[M] passes and an async assert per call).
+inline void check_varlen_inverse_shape(const at::Tensor& x, const at::Tensor& inverse) {
   TORCH_CHECK_VALUE(inverse.dim() == 1 && inverse.scalar_type() == at::kInt && inverse.size(0) == x.size(0),
                     "tsparse.", kPackOp, ": `inverse` must be int32 [B * L] = [", x.size(0), "]");
   check_same_device(inverse, x, kPackOp, "inverse", "x");
+}
+
+// The values: it must be exactly the inverse of `indices` ([M], already range-checked by the
+// gather): inverse[indices[p]] == p for every p, and no other entry >= 0. Checked without a host
+// sync on CUDA (check_on_device).
+inline void check_varlen_inverse(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& inverse) {
+  check_varlen_inverse_shape(x, inverse);
   const int64_t m = indices.size(0);
   const at::Tensor back = inverse.index_select(0, indices.to(at::kLong));
   const at::Tensor ok = back.eq(at::arange(m, inverse.options())).all().logical_and(

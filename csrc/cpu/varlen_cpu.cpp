@@ -116,9 +116,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_pa
   return {indices, inverse, ids_out, labels, pos_out};
 }
 
-at::Tensor varlen_gather_cpu(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& inverse) {
+at::Tensor varlen_gather_cpu(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& inverse,
+                             bool check_inverse) {
   at::Tensor y = std::get<0>(gather_rows_cpu(x, indices, /*build_inverse=*/false));  // checks indices
-  check_varlen_inverse(x, indices, inverse);
+  check_varlen_inverse_shape(x, inverse);
+  if (check_inverse) check_varlen_inverse(x, indices, inverse);  // a caller's; not varlen_pack's own
   return y;
 }
 

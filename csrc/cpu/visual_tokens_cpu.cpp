@@ -18,6 +18,7 @@
 #include "../common/row_args.h"
 #include "../common/row_ops.h"
 #include "tsparse/box_math.h"
+#include "tsparse/segment_plan.h"
 
 namespace tsparse {
 
@@ -237,11 +238,28 @@ at::Tensor segment_reduce_rows_cpu(const at::Tensor& src_in, const at::Tensor& p
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, kRowGrain, [&](int64_t b, int64_t e) {
       std::vector<acc_t> acc(static_cast<size_t>(cols));
+      std::vector<acc_t> part(static_cast<size_t>(cols));
+      // acc += src[perm[i]] for i in [i0, i1), in member order
+      auto add_members = [&](std::vector<acc_t>& into, int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const scalar_t* row = s + pm[i] * stride;
+          for (int64_t c = 0; c < cols; ++c) into[size_t(c)] += static_cast<acc_t>(row[c]);
+        }
+      };
       for (int64_t r = b; r < e; ++r) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t i = off[r]; i < off[r + 1]; ++i) {
-          const scalar_t* row = s + pm[i] * stride;
-          for (int64_t c = 0; c < cols; ++c) acc[size_t(c)] += static_cast<acc_t>(row[c]);
+        if (!segment_is_split(off[r], off[r + 1])) {
+          add_members(acc, off[r], off[r + 1]);
+        } else {
+          // The CUDA kernels' order (tsparse/segment_plan.h): pieces cut at multiples of
+          // kSegmentPiece, each summed from zero, then added in order.
+          for (int64_t i = off[r]; i < off[r + 1];) {
+            const int64_t j = segment_piece_end(i, off[r + 1]);
+            std::fill(part.begin(), part.end(), acc_t(0));
+            add_members(part, i, j);
+            for (int64_t c = 0; c < cols; ++c) acc[size_t(c)] += part[size_t(c)];
+            i = j;
+          }
         }
         const int64_t n = off[r + 1] - off[r];
         const acc_t inv_n = (mean && n > 0) ? acc_t(1) / static_cast<acc_t>(n) : acc_t(1);
@@ -290,7 +308,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_cpu(const at::Tensor&
                                                                at::IntArrayRef token_offsets,
                                                                at::IntArrayRef kept_counts) {
   static const RowKernels kernels{&compose_rows_cpu, &segment_reduce_rows_cpu, &row_inv_norms_cpu};
-  return fuse_tokens_impl(x, keep, token_offsets, kept_counts, kernels);
+  return fuse_tokens_impl(x, keep, c10::nullopt, token_offsets, kept_counts, kernels);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_nearest_cpu(const at::Tensor& x,
+                                                                       const at::Tensor& keep,
+                                                                       const at::Tensor& coords,
+                                                                       at::IntArrayRef token_offsets,
+                                                                       at::IntArrayRef kept_counts) {
+  static const RowKernels kernels{&compose_rows_cpu, &segment_reduce_rows_cpu, &row_inv_norms_cpu};
+  return fuse_tokens_impl(x, keep, coords, token_offsets, kept_counts, kernels);
 }
 }  // namespace
 
@@ -302,6 +329,7 @@ TORCH_LIBRARY_IMPL(tsparse, CPU, m) {
   m.impl("segment_reduce_rows", &segment_reduce_rows_cpu);
   m.impl("row_inv_norms", &row_inv_norms_cpu);
   m.impl("fuse_tokens", &fuse_tokens_cpu);
+  m.impl("fuse_tokens_nearest", &fuse_tokens_nearest_cpu);
 }
 
 }  // namespace tsparse

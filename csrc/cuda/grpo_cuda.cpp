@@ -142,7 +142,140 @@ grpo_token_terms_cuda(const at::Tensor& logp, const at::Tensor& old_logp, const 
   return {pg, kl, ratio, flags, dpg, dkl, dratio};
 }
 
+// ---------------------------------------------------------------------------------------
+// Fused GRPO loss: the single-read cluster kernel when asked for and possible, else the
+// two-pass kernels (grpo_launchers.h). Nothing here waits for the GPU.
+namespace {
+
+struct FusedOutCuda {
+  at::Tensor logp, entropy, pg, kl, ratio, flags;
+};
+
+FusedOutCuda fused_outputs_cuda(const GrpoFusedPrep& p) {
+  const int64_t n = p.logits.size(0);
+  const auto opts = p.logits.options().dtype(logprobs_acc_type(p.logits.scalar_type()));
+  FusedOutCuda o;
+  o.logp = at::empty({n}, opts);
+  o.entropy = at::empty({p.with_entropy ? n : 0}, opts);
+  o.pg = at::empty({n}, opts);
+  o.kl = at::empty({n}, opts);
+  o.ratio = at::empty({n}, opts);
+  o.flags = at::empty({n}, opts.dtype(at::kByte));
+  return o;
+}
+
+// Whether the single-read kernel can write `grad` rows: same 16-byte phase as the logits' rows.
+bool same_row_phase(const at::Tensor& logits, void* grad, int64_t grad_stride) {
+  const int64_t e = logits.element_size();
+  const bool base = ((reinterpret_cast<uintptr_t>(logits.data_ptr()) ^ reinterpret_cast<uintptr_t>(grad)) & 15) == 0;
+  return base && ((row_stride(logits) - grad_stride) * e) % 16 == 0;
+}
+
+void run_fused_cuda(const GrpoFusedPrep& p, double temperature, FusedOutCuda& o, void* grad, int64_t grad_stride,
+                    bool single_read) {
+  const int64_t rows = p.logits.size(0);
+  if (rows == 0) return;
+  cuda::GrpoFusedArgs a;
+  a.logits = p.logits.data_ptr();
+  a.rows = rows;
+  a.cols = p.logits.size(1);
+  a.logits_stride = row_stride(p.logits);
+  a.grad = grad;
+  a.grad_stride = grad_stride;
+  a.dtype = cuda_dtype(p.logits.scalar_type());
+  a.targets = p.targets.data_ptr<int64_t>();
+  a.temperature = temperature;
+  a.old_logp = p.old_logp.data_ptr();
+  a.advantages = p.advantages.data_ptr();
+  a.ref_logp = ptr_or_null(p.ref_logp);
+  a.is_weights = ptr_or_null(p.is_weights);
+  a.token_weight = p.token_weight.data_ptr();
+  a.params = p.params;
+  a.use_kl = p.use_kl;
+  a.kl_coef = p.kl_coef;
+  a.entropy_coef = p.entropy_coef;
+  a.logp = o.logp.data_ptr();
+  a.entropy = p.with_entropy ? o.entropy.data_ptr() : nullptr;
+  a.pg = o.pg.data_ptr();
+  a.kl = o.kl.data_ptr();
+  a.ratio = o.ratio.data_ptr();
+  a.flags = o.flags.data_ptr<uint8_t>();
+  // Host-side choice from V, the dtype and the layout (no device work): the cluster kernel needs
+  // a gradient to write, 16/32-bit logits, rows that fit 8 CTAs' shared memory and a device that
+  // can co-schedule the cluster (grpo_layout.h plan_cluster, cudaOccupancyMaxActiveClusters).
+  if (single_read && grad != nullptr && same_row_phase(p.logits, grad, grad_stride) &&
+      cuda::grpo_loss_single_read_supported(rows, a.cols, a.dtype)) {
+    C10_CUDA_CHECK(cuda::grpo_loss_single_read(a, current_stream()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const auto opts = o.logp.options();
+  at::Tensor row_max = at::empty({rows}, opts), log_norm = at::empty({rows}, opts);
+  at::Tensor g_logp = at::empty({rows}, opts), g_ent = at::empty({rows}, opts);
+  cuda::GrpoTwoPassTemps tmp;
+  tmp.row_max = row_max.data_ptr();
+  tmp.log_norm = log_norm.data_ptr();
+  tmp.g_logp = g_logp.data_ptr();
+  tmp.g_ent = g_ent.data_ptr();
+  cuda::grpo_loss_two_pass(a, tmp, current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss_fused_cuda(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const c10::optional<at::Tensor>& ref_logp, const c10::optional<at::Tensor>& is_weights,
+    const at::Tensor& token_weight, double temperature, double clip_low, double clip_high, double clip_ratio_c,
+    c10::string_view kl_type, int64_t clamp_edges, double kl_coef, double entropy_coef, bool with_entropy,
+    bool with_grad, bool single_read) {
+  constexpr const char* op = "grpo_loss";
+  check_cuda(logits, op, "logits");
+  c10::cuda::CUDAGuard guard(logits.device());
+  const GrpoFusedPrep p = prep_grpo_fused(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight,
+                                          temperature, clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges,
+                                          kl_coef, entropy_coef, with_entropy, op);
+  FusedOutCuda o = fused_outputs_cuda(p);
+  at::Tensor grad = with_grad ? alloc_grad_like_rows(p.logits) : at::empty({0, p.logits.size(1)}, p.logits.options());
+  run_fused_cuda(p, temperature, o, with_grad ? grad.data_ptr() : nullptr, with_grad ? row_stride(grad) : 0,
+                 single_read);
+  return {o.logp, o.entropy, o.pg, o.kl, o.ratio, o.flags, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss_fused_inplace_cuda(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const c10::optional<at::Tensor>& ref_logp, const c10::optional<at::Tensor>& is_weights,
+    const at::Tensor& token_weight, double temperature, double clip_low, double clip_high, double clip_ratio_c,
+    c10::string_view kl_type, int64_t clamp_edges, double kl_coef, double entropy_coef, bool with_entropy,
+    bool single_read) {
+  constexpr const char* op = "grpo_loss";
+  check_cuda(logits, op, "logits");
+  check_inplace_logits(logits, op);
+  c10::cuda::CUDAGuard guard(logits.device());
+  GrpoFusedPrep p = prep_grpo_fused(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight,
+                                    temperature, clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges, kl_coef,
+                                    entropy_coef, with_entropy, op);
+  unalias_fused_from_logits(p, logits);
+  FusedOutCuda o = fused_outputs_cuda(p);
+  run_fused_cuda(p, temperature, o, logits.data_ptr(), row_stride(logits), single_read);
+  return {o.logp, o.entropy, o.pg, o.kl, o.ratio, o.flags};
+}
+
+void scale_rows_cuda(const at::Tensor& x, const at::Tensor& scale) {
+  check_cuda(x, "scale_rows_", "x");
+  check_scale_rows(x, scale);
+  if (x.numel() == 0) return;
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor s = scale.reshape({}).to(logprobs_acc_type(x.scalar_type())).contiguous();
+  cuda::scale_rows_by_device_scalar(x.data_ptr(), x.size(0), x.size(1), row_stride(x), cuda_dtype(x.scalar_type()),
+                                    s.data_ptr(), current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 TORCH_LIBRARY_IMPL(tsparse, CUDA, m) {
+  m.impl("grpo_loss_fused", &grpo_loss_fused_cuda);
+  m.impl("grpo_loss_fused_", &grpo_loss_fused_inplace_cuda);
+  m.impl("scale_rows_", &scale_rows_cuda);
   m.impl("logprobs", &logprobs_cuda);
   m.impl("logprobs_backward", &logprobs_backward_cuda);
   m.impl("logprobs_backward_", &logprobs_backward_inplace_cuda);

@@ -15,7 +15,9 @@
 // and any row alignment use 16-byte accesses for all but < 2 x 8 elements per row. Every
 // thread keeps kUnroll vectors (64 B) in flight; at 2-4 resident 512-thread CTAs per SM that
 // is 64-128 KB per SM, above the ~20-40 KB that saturates HBM3.
-// Reductions: the forward's (max, sum, sum * z) state is combined by warp butterflies
+// Math in base-2 units (grpo_math.h): per element one FFMA x * c - m and one ex2.approx.ftz; the
+// hot loops are branch-free (grpo_device.cuh; the SASS is read in profiling/NOTES.md).
+// Reductions: the forward's (max, sum, sum * t) state is combined by warp butterflies
 // (every lane of the warp participates: trip counts differ only BEFORE the shuffles) and,
 // for CTA rows, through shared memory. fp32 accumulation (fp64 for fp64 logits).
 // Row offsets are 64-bit (rows * stride can exceed 2^31); offsets within a row are 32-bit
@@ -29,6 +31,7 @@
 #include <type_traits>
 
 #include "tsparse/cuda_common.cuh"
+#include "tsparse/grpo_device.cuh"
 #include "tsparse/grpo_launchers.h"
 #include "tsparse/grpo_math.h"
 
@@ -38,84 +41,44 @@ namespace {
 
 using grpo::LseState;
 using grpo::RowGrad;
+using grpo::RowSplit;
 using grpo::RowStats;
+using grpo_dev::RowVec;
 
 constexpr int kWarpRowThreads = 256;   // warp-per-row CTAs: 8 rows each
 constexpr int kWarpRowMaxCols = 4096;  // up to 16 vectors per lane (bf16)
 constexpr int kMidThreads = 128;
 constexpr int kMidRowMaxCols = 32768;
 constexpr int kWideThreads = 512;
-constexpr int kUnroll = 4;             // 16-byte vectors in flight per thread
+// 16-byte vectors in flight per thread (64 B): with 3-4 resident 512-thread CTAs that is
+// 96-128 KB per SM, above the ~20-40 KB that saturates HBM3.
+constexpr int kUnroll = 4;
+// Minimum resident CTAs per SM the wide row kernels are compiled for (registers <= 40).
+constexpr int kWideMinBlocks = 3;
+// ... and the 128-thread (mid-width) row kernels (registers <= 40).
+constexpr int kMidMinBlocks = 12;
 constexpr int kTokenThreads = 256;
 constexpr int kTokenBlocksPerSm = 8;
-constexpr unsigned kFullMask = 0xffffffffu;
+
+// The occupancy the row kernels are compiled for (their register budget); fp64 logits (tests
+// only) get the registers they need rather than spilling inside their loops.
+template <typename T, int THREADS>
+constexpr int min_blocks() {
+  return sizeof(T) == 8 ? 1 : (THREADS == kWideThreads ? kWideMinBlocks : kMidMinBlocks);
+}
 
 // ---------------------------------------------------------------------------------------
 // Elem<T> (load/store with fp32 or fp64 accumulation): tsparse/cuda_common.cuh.
 
 template <typename T>
-union Vec16 {
-  uint4 u;
-  T e[16 / sizeof(T)];
-};
-
-// A row split into [0, head) scalars, nvec 16-byte vectors, [tail0, cols) scalars.
-struct RowSplit {
-  int head;
-  int nvec;
-  int tail0;
-  int ntail;
-};
-
-template <typename T>
 __device__ __forceinline__ RowSplit split_row(const void* row, int cols) {
-  constexpr int kVec = 16 / int(sizeof(T));
-  const int mis = static_cast<int>(reinterpret_cast<uintptr_t>(row) & 15);
-  int head = mis == 0 ? 0 : (16 - mis) / int(sizeof(T));  // row is element-aligned (host check)
-  if (head > cols) head = cols;
-  const int nvec = (cols - head) / kVec;
-  const int tail0 = head + nvec * kVec;
-  return {head, nvec, tail0, cols - tail0};
+  // The row is element-aligned (host check), so the misalignment is a multiple of sizeof(T).
+  return grpo::split_row(static_cast<int>(reinterpret_cast<uintptr_t>(row) & 15), cols, int(sizeof(T)));
 }
 
 __device__ __noinline__ void fail_target(long long row, long long value, long long cols) {
   printf("tsparse.logprobs: `targets[%lld]` = %lld is out of range [0, %lld)\n", row, value, cols);
   TSPARSE_DEVICE_FAIL("tsparse.logprobs: a `targets` value is out of range");
-}
-
-// ---------------------------------------------------------------------------------------
-// Reductions of the online log-sum-exp state.
-template <typename Acc>
-__device__ __forceinline__ LseState<Acc> warp_merge(LseState<Acc> s) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    LseState<Acc> r;
-    r.m = __shfl_xor_sync(kFullMask, s.m, o);
-    r.a = __shfl_xor_sync(kFullMask, s.a, o);
-    r.b = __shfl_xor_sync(kFullMask, s.b, o);
-    s = grpo::lse_merge(s, r);
-  }
-  return s;
-}
-
-// Every thread of the CTA must call this (it contains __syncthreads). Returns the CTA's
-// merged state to every thread.
-template <typename Acc, int THREADS>
-__device__ __forceinline__ LseState<Acc> cta_merge(LseState<Acc> s, LseState<Acc>* red /*[33]*/) {
-  static_assert(THREADS % 32 == 0 && THREADS <= 1024, "whole warps");
-  constexpr int kWarps = THREADS / 32;
-  s = warp_merge(s);
-  const int warp = threadIdx.x >> 5;
-  const int lane = threadIdx.x & 31;
-  if (lane == 0) red[warp] = s;
-  __syncthreads();
-  if (warp == 0) {
-    LseState<Acc> r = lane < kWarps ? red[lane] : grpo::lse_empty<Acc>();
-    r = warp_merge(r);  // all 32 lanes of warp 0 take part
-    if (lane == 0) red[32] = r;
-  }
-  __syncthreads();
-  return red[32];
 }
 
 // ---------------------------------------------------------------------------------------
@@ -128,97 +91,86 @@ struct FwdParams {
   int cols;
   int64_t stride;
   const int64_t* targets;
-  Acc inv_temp;
+  Acc c;  // log2(e) / temperature
   Acc* logp;
   Acc* row_max;
   Acc* log_norm;
-  Acc* entropy;  // may be null
+  Acc* entropy;  // null unless WITH_ENT
 };
 
-// This thread's partial state over its elements of the row.
-template <typename T>
+struct NoStore {
+  __device__ void operator()(int, const uint4&) const {}
+};
+
+// This thread's partial state over its elements of the row (a row group of `group` threads).
+template <typename T, bool WITH_ENT>
 __device__ __forceinline__ LseState<typename Elem<T>::Acc> stream_row(const T* row, int cols,
-                                                                      typename Elem<T>::Acc inv_temp,
-                                                                      int lane, int group) {
+                                                                      typename Elem<T>::Acc c, int lane,
+                                                                      int group) {
   using E = Elem<T>;
   using Acc = typename E::Acc;
-  constexpr int kVec = 16 / int(sizeof(T));
   LseState<Acc> st = grpo::lse_empty<Acc>();
   const RowSplit s = split_row<T>(row, cols);
   {
-    // Scalar head and tail: fewer than kVec (<= 8 < 32 <= group) elements each.
-    Acc z0 = grpo::neg_inf<Acc>();
-    Acc z1 = grpo::neg_inf<Acc>();
-    if (lane < s.head) z0 = E::load(row[lane]) * inv_temp;
-    if (lane < s.ntail) z1 = E::load(row[s.tail0 + lane]) * inv_temp;
-    grpo::lse_raise_max(st, grpo::max_acc(z0, z1));
-    grpo::lse_add(st, z0);
-    grpo::lse_add(st, z1);
+    // Scalar head and tail: fewer than 16 / sizeof(T) (<= 8 <= group) elements each.
+    const Acc x0 = lane < s.head ? E::load(row[lane]) : grpo::neg_inf<Acc>();
+    const Acc x1 = lane < s.ntail ? E::load(row[s.tail0 + lane]) : grpo::neg_inf<Acc>();
+    grpo_dev::add_scalars(x0, x1, c, st);
   }
   const uint4* vp = reinterpret_cast<const uint4*>(row + s.head);  // 16-byte aligned
-  for (int v0 = lane; v0 < s.nvec; v0 += group * kUnroll) {
-    Vec16<T> pk[kUnroll];
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      if (v0 + k * group < s.nvec) pk[k].u = __ldcs(vp + v0 + k * group);
-    }
-    Acc bm = grpo::neg_inf<Acc>();
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      if (v0 + k * group < s.nvec) {
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) bm = grpo::max_acc(bm, E::load(pk[k].e[e]) * inv_temp);
-      }
-    }
-    grpo::lse_raise_max(st, bm);
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      if (v0 + k * group < s.nvec) {
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) grpo::lse_add(st, E::load(pk[k].e[e]) * inv_temp);
-      }
-    }
-  }
+  grpo_dev::stream_vectors<T, WITH_ENT, kUnroll>(vp, lane, s.nvec, group, c, st, NoStore{});
   return st;
 }
 
+// The target index and its logit, loaded before the row streams (the logit's load overlaps
+// the stream instead of following the reduction). Called by one thread per row.
 template <typename T>
-__device__ __forceinline__ void finish_forward(const FwdParams<T>& p, int64_t r, const T* row,
-                                               int64_t t,
-                                               const LseState<typename Elem<T>::Acc>& st) {
-  using Acc = typename Elem<T>::Acc;
+__device__ __forceinline__ typename Elem<T>::Acc load_target(const FwdParams<T>& p, int64_t r, const T* row,
+                                                             int64_t& t) {
+  t = p.targets[r];
   if (t < 0 || t >= p.cols) fail_target(r, t, p.cols);
-  const RowStats<Acc> rs = grpo::lse_finish(st);
-  const Acc zt = Elem<T>::load(row[t]) * p.inv_temp;
-  p.logp[r] = grpo::target_logp(zt, rs);
-  p.row_max[r] = rs.row_max;
-  p.log_norm[r] = rs.log_norm;
-  if (p.entropy != nullptr) p.entropy[r] = rs.entropy;
+  return Elem<T>::load(row[t]);
 }
 
-template <typename T>
+template <typename T, bool WITH_ENT>
+__device__ __forceinline__ void finish_forward(const FwdParams<T>& p, int64_t r, typename Elem<T>::Acc x_t,
+                                               const LseState<typename Elem<T>::Acc>& st) {
+  using Acc = typename Elem<T>::Acc;
+  const RowStats<Acc> rs = grpo::lse_finish(st);
+  p.logp[r] = grpo::target_logp(x_t, p.c, rs);
+  p.row_max[r] = rs.row_max;
+  p.log_norm[r] = rs.log_norm;
+  if (WITH_ENT) p.entropy[r] = rs.entropy;
+}
+
+template <typename T, bool WITH_ENT>
 __global__ void __launch_bounds__(kWarpRowThreads) logprobs_fwd_warp_kernel(FwdParams<T> p) {
+  using Acc = typename Elem<T>::Acc;
   const int64_t r = int64_t(blockIdx.x) * (kWarpRowThreads / 32) + (threadIdx.x >> 5);
   if (r >= p.rows) return;  // the whole warp leaves together; no CTA-wide barrier below
   const int lane = threadIdx.x & 31;
   const T* row = p.logits + r * p.stride;
-  // The target is loaded before the row streams, so its latency hides behind the row.
-  const int64_t t = lane == 0 ? p.targets[r] : 0;
-  auto st = stream_row<T>(row, p.cols, p.inv_temp, lane, 32);
-  st = warp_merge(st);
-  if (lane == 0) finish_forward(p, r, row, t, st);
+  int64_t t = 0;
+  Acc x_t = Acc(0);
+  if (lane == 0) x_t = load_target(p, r, row, t);
+  auto st = stream_row<T, WITH_ENT>(row, p.cols, p.c, lane, 32);
+  st = grpo_dev::warp_merge(st);
+  if (lane == 0) finish_forward<T, WITH_ENT>(p, r, x_t, st);
 }
 
-template <typename T, int THREADS>
-__global__ void __launch_bounds__(THREADS) logprobs_fwd_cta_kernel(FwdParams<T> p) {
+template <typename T, int THREADS, bool WITH_ENT>
+__global__ void __launch_bounds__(THREADS, min_blocks<T, THREADS>())
+    logprobs_fwd_cta_kernel(FwdParams<T> p) {
   using Acc = typename Elem<T>::Acc;
   __shared__ LseState<Acc> red[33];
   const int64_t r = blockIdx.x;  // grid == rows
   const T* row = p.logits + r * p.stride;
-  const int64_t t = threadIdx.x == 0 ? p.targets[r] : 0;  // loaded early (see the warp kernel)
-  auto st = stream_row<T>(row, p.cols, p.inv_temp, threadIdx.x, THREADS);
-  st = cta_merge<Acc, THREADS>(st, red);
-  if (threadIdx.x == 0) finish_forward(p, r, row, t, st);
+  int64_t t = 0;
+  Acc x_t = Acc(0);
+  if (threadIdx.x == 0) x_t = load_target(p, r, row, t);
+  auto st = stream_row<T, WITH_ENT>(row, p.cols, p.c, threadIdx.x, THREADS);
+  st = grpo_dev::cta_merge<Acc, THREADS>(st, red);
+  if (threadIdx.x == 0) finish_forward<T, WITH_ENT>(p, r, x_t, st);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -238,7 +190,8 @@ struct BwdParams {
   const Acc* entropy;
   const Acc* g_logp;
   const Acc* g_ent;
-  Acc inv_temp;
+  Acc c;         // log2(e) / temperature
+  Acc inv_temp;  // 1 / temperature
 };
 
 template <typename T>
@@ -251,63 +204,62 @@ __device__ __forceinline__ void zero_row(T* out, int cols, int lane, int group) 
   for (int v = lane; v < s.nvec; v += group) __stcs(vo + v, make_uint4(0u, 0u, 0u, 0u));
 }
 
-template <typename T>
-__device__ __forceinline__ void backward_row(const BwdParams<T>& p, int64_t r, int lane, int group) {
+// One row of d loss / d logits: every element without the target term (no compare per
+// element), then the thread that wrote the target's element writes it again with the term
+// (the same thread, so program order makes its second store the one that stays). In place,
+// that thread read the target's logit before anything of its vector was overwritten.
+template <typename T, bool WITH_ENT>
+__device__ __forceinline__ void backward_row_body(const BwdParams<T>& p, const T* in, T* out, int tt, int lane,
+                                                  int group, const RowGrad<typename Elem<T>::Acc>& g) {
   using E = Elem<T>;
   using Acc = typename E::Acc;
-  constexpr int kVec = 16 / int(sizeof(T));
+  if (((reinterpret_cast<uintptr_t>(in) ^ reinterpret_cast<uintptr_t>(out)) & 15) != 0) {
+    // Input and output rows sit at different offsets from a 16-byte boundary (a strided
+    // logits view with an out-of-place gradient): element-wise. Element j is lane j % group's.
+    const Acc x_t = lane == tt % group ? E::load(in[tt]) : Acc(0);
+    for (int j = lane; j < p.cols; j += group) out[j] = E::store(grpo::logit_grad_nt<WITH_ENT>(E::load(in[j]), g));
+    if (lane == tt % group) out[tt] = E::store(grpo::logit_grad_nt<WITH_ENT>(x_t, g) + g.G);
+    return;
+  }
+  const RowSplit s = split_row<T>(out, p.cols);
+  const bool owner = lane == grpo::owner_lane(s, tt, int(sizeof(T)), group);
+  const Acc x_t = owner ? E::load(in[tt]) : Acc(0);
+  if (lane < s.head) out[lane] = E::store(grpo::logit_grad_nt<WITH_ENT>(E::load(in[lane]), g));
+  if (lane < s.ntail) {
+    const int j = s.tail0 + lane;
+    out[j] = E::store(grpo::logit_grad_nt<WITH_ENT>(E::load(in[j]), g));
+  }
+  const uint4* vin = reinterpret_cast<const uint4*>(in + s.head);
+  uint4* vout = reinterpret_cast<uint4*>(out + s.head);
+  grpo_dev::grad_vectors<T, WITH_ENT, kUnroll>([vin](int v) { return __ldcs(vin + v); }, vout, lane, s.nvec,
+                                               group, g);
+  if (owner) out[tt] = E::store(grpo::logit_grad_nt<WITH_ENT>(x_t, g) + g.G);
+}
+
+template <typename T>
+__device__ __forceinline__ void backward_row(const BwdParams<T>& p, int64_t r, int lane, int group) {
+  using Acc = typename Elem<T>::Acc;
   const int64_t t = p.targets[r];
   if (t < 0 || t >= p.cols) {
     if (lane == 0) fail_target(r, t, p.cols);
     return;
   }
-  RowGrad<Acc> g;
-  g.g_logp = p.g_logp != nullptr ? p.g_logp[r] : Acc(0);
-  g.g_ent = p.g_ent != nullptr ? p.g_ent[r] : Acc(0);
-  g.inv_temp = p.inv_temp;
+  const Acc g_logp = p.g_logp != nullptr ? p.g_logp[r] : Acc(0);
+  const Acc g_ent = p.g_ent != nullptr ? p.g_ent[r] : Acc(0);
   const T* in = p.logits + r * p.lstride;
   T* out = p.grad + r * p.gstride;
-  if (g.zero()) {  // e.g. a masked token: write zeros, read nothing
+  if (g_logp == Acc(0) && g_ent == Acc(0)) {  // e.g. a masked token: write zeros, read nothing
     zero_row<T>(out, p.cols, lane, group);
     return;
   }
-  g.row_max = p.row_max[r];
-  g.log_norm = p.log_norm[r];
-  g.mu = g.g_ent != Acc(0) ? g.log_norm - p.entropy[r] : Acc(0);
+  const RowGrad<Acc> g = grpo::make_row_grad<Acc>(p.row_max[r], p.log_norm[r],
+                                                  g_ent != Acc(0) ? p.entropy[r] : Acc(0), g_logp, g_ent,
+                                                  p.c, p.inv_temp);
   const int tt = static_cast<int>(t);
-
-  if (((reinterpret_cast<uintptr_t>(in) ^ reinterpret_cast<uintptr_t>(out)) & 15) != 0) {
-    // Input and output rows sit at different offsets from a 16-byte boundary (a strided
-    // logits view with an out-of-place gradient): element-wise.
-    for (int j = lane; j < p.cols; j += group) out[j] = E::store(grpo::logit_grad(E::load(in[j]), j == tt, g));
-    return;
-  }
-  const RowSplit s = split_row<T>(out, p.cols);
-  if (lane < s.head) out[lane] = E::store(grpo::logit_grad(E::load(in[lane]), lane == tt, g));
-  if (lane < s.ntail) {
-    const int j = s.tail0 + lane;
-    out[j] = E::store(grpo::logit_grad(E::load(in[j]), j == tt, g));
-  }
-  const uint4* vin = reinterpret_cast<const uint4*>(in + s.head);
-  uint4* vout = reinterpret_cast<uint4*>(out + s.head);
-  for (int v0 = lane; v0 < s.nvec; v0 += group * kUnroll) {
-    Vec16<T> pk[kUnroll];
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      if (v0 + k * group < s.nvec) pk[k].u = __ldcs(vin + v0 + k * group);
-    }
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      const int v = v0 + k * group;
-      if (v < s.nvec) {
-        const int j0 = s.head + v * kVec;
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          pk[k].e[e] = E::store(grpo::logit_grad(E::load(pk[k].e[e]), j0 + e == tt, g));
-        }
-        __stcs(vout + v, pk[k].u);
-      }
-    }
+  if (g_ent != Acc(0)) {
+    backward_row_body<T, true>(p, in, out, tt, lane, group, g);
+  } else {
+    backward_row_body<T, false>(p, in, out, tt, lane, group, g);
   }
 }
 
@@ -319,7 +271,8 @@ __global__ void __launch_bounds__(kWarpRowThreads) logprobs_bwd_warp_kernel(BwdP
 }
 
 template <typename T, int THREADS>
-__global__ void __launch_bounds__(THREADS) logprobs_bwd_cta_kernel(BwdParams<T> p) {
+__global__ void __launch_bounds__(THREADS, min_blocks<T, THREADS>())
+    logprobs_bwd_cta_kernel(BwdParams<T> p) {
   backward_row<T>(p, blockIdx.x, threadIdx.x, THREADS);
 }
 
@@ -354,6 +307,19 @@ __global__ void __launch_bounds__(kTokenThreads) grpo_token_kernel(GrpoTokenArgs
 }
 
 // ---------------------------------------------------------------------------------------
+template <typename T, bool WITH_ENT>
+void launch_forward_t(const FwdParams<T>& p, cudaStream_t stream) {
+  if (p.cols <= kWarpRowMaxCols) {
+    constexpr int64_t kRowsPerCta = kWarpRowThreads / 32;
+    const int64_t grid = (p.rows + kRowsPerCta - 1) / kRowsPerCta;
+    logprobs_fwd_warp_kernel<T, WITH_ENT><<<static_cast<unsigned>(grid), kWarpRowThreads, 0, stream>>>(p);
+  } else if (p.cols <= kMidRowMaxCols) {
+    logprobs_fwd_cta_kernel<T, kMidThreads, WITH_ENT><<<static_cast<unsigned>(p.rows), kMidThreads, 0, stream>>>(p);
+  } else {
+    logprobs_fwd_cta_kernel<T, kWideThreads, WITH_ENT><<<static_cast<unsigned>(p.rows), kWideThreads, 0, stream>>>(p);
+  }
+}
+
 template <typename T>
 void launch_forward(const LogprobsFwdArgs& a, cudaStream_t stream) {
   using Acc = typename Elem<T>::Acc;
@@ -363,19 +329,15 @@ void launch_forward(const LogprobsFwdArgs& a, cudaStream_t stream) {
   p.cols = static_cast<int>(a.cols);
   p.stride = a.row_stride;
   p.targets = a.targets;
-  p.inv_temp = static_cast<Acc>(1.0 / a.temperature);
+  p.c = grpo::row_scale<Acc>(a.temperature);
   p.logp = static_cast<Acc*>(a.logp);
   p.row_max = static_cast<Acc*>(a.row_max);
   p.log_norm = static_cast<Acc*>(a.log_norm);
   p.entropy = static_cast<Acc*>(a.entropy);
-  if (a.cols <= kWarpRowMaxCols) {
-    constexpr int64_t kRowsPerCta = kWarpRowThreads / 32;
-    const int64_t grid = (a.rows + kRowsPerCta - 1) / kRowsPerCta;
-    logprobs_fwd_warp_kernel<T><<<static_cast<unsigned>(grid), kWarpRowThreads, 0, stream>>>(p);
-  } else if (a.cols <= kMidRowMaxCols) {
-    logprobs_fwd_cta_kernel<T, kMidThreads><<<static_cast<unsigned>(a.rows), kMidThreads, 0, stream>>>(p);
+  if (p.entropy != nullptr) {
+    launch_forward_t<T, true>(p, stream);
   } else {
-    logprobs_fwd_cta_kernel<T, kWideThreads><<<static_cast<unsigned>(a.rows), kWideThreads, 0, stream>>>(p);
+    launch_forward_t<T, false>(p, stream);
   }
 }
 
@@ -395,6 +357,7 @@ void launch_backward(const LogprobsBwdArgs& a, cudaStream_t stream) {
   p.entropy = static_cast<const Acc*>(a.entropy);
   p.g_logp = static_cast<const Acc*>(a.grad_logp);
   p.g_ent = static_cast<const Acc*>(a.grad_entropy);
+  p.c = grpo::row_scale<Acc>(a.temperature);
   p.inv_temp = static_cast<Acc>(1.0 / a.temperature);
   if (a.cols <= kWarpRowMaxCols) {
     constexpr int64_t kRowsPerCta = kWarpRowThreads / 32;

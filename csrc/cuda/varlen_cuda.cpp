@@ -60,12 +60,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_pa
   at::Tensor ids_out = at::empty({p.ids.defined() ? total : 0}, lopt);
   at::Tensor labels = at::empty({p.ids.defined() ? total : 0}, lopt);
   at::Tensor pos_out = at::empty({p.channels, total}, lopt);
+  // Workspace of the (chunks, B) grid: each chunk's kept-token count.
+  at::Tensor chunk_counts = at::empty({p.batch * cuda::varlen_pack_chunks(p.seqlen)}, p.mask.options().dtype(at::kInt));
   cuda::VarlenPackArgs a;
   a.base = base_args(p.mask, p.keep);
   a.base.cu_seqlens = p.cu_seqlens.data_ptr<int32_t>();
   a.total = total;
   a.indices = indices.data_ptr<int64_t>();
   a.inverse = inverse.data_ptr<int32_t>();
+  a.chunk_counts = chunk_counts.data_ptr<int32_t>();
   if (p.ids.defined()) {
     a.ids = p.ids.data_ptr<int64_t>();
     a.ids_out = ids_out.data_ptr<int64_t>();
@@ -81,11 +84,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_pa
   return {indices, inverse, ids_out, labels, pos_out};
 }
 
-at::Tensor varlen_gather_cuda(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& inverse) {
+at::Tensor varlen_gather_cuda(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& inverse,
+                              bool check_inverse) {
   check_cuda(x, kPackOp, "x");
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = std::get<0>(gather_rows_cuda(x, indices, /*build_inverse=*/false));  // checks indices
-  check_varlen_inverse(x, indices, inverse);
+  check_varlen_inverse_shape(x, inverse);
+  if (check_inverse) check_varlen_inverse(x, indices, inverse);  // a caller's; not varlen_pack's own
   return y;
 }
 

@@ -1,7 +1,6 @@
 // Torch glue for the CUDA kernels of the visual-token op family: argument checks
 // (shared with the CPU backend), allocation, device guard and stream, launch checks.
-// Index VALUES are checked on the device (see launchers.h); no op here waits for the GPU
-// except box_to_patch_mask when its metadata lives on the GPU (see box_mask_plan.h).
+// Index VALUES are checked on the device (see launchers.h); no op here waits for the GPU.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -25,12 +24,50 @@ std::tuple<at::Tensor, at::Tensor> box_to_patch_mask_cuda(
     double min_coverage, bool keep_all_when_empty) {
   check_cuda(boxes, "box_to_patch_mask", "boxes");
   c10::cuda::CUDAGuard guard(boxes.device());
-  const BoxMaskPlan plan = plan_box_mask(boxes, box_offsets, image_grid_thw, num_tokens,
-                                         patch_size, merge_size, margin, min_coverage);
+  // The per-image table: planned on the host into pinned memory and copied asynchronously when
+  // `box_offsets` and `image_grid_thw` are on the CPU (as the HF processor returns them), or
+  // planned on the device by one small kernel when either lives on the GPU. No host sync and no
+  // pageable copy either way.
+  const bool host_meta = box_offsets.device().is_cpu() && image_grid_thw.device().is_cpu();
+  BoxMaskPlan plan;
+  at::Tensor meta;
+  if (host_meta) {
+    plan = plan_box_mask(boxes, box_offsets, image_grid_thw, num_tokens, patch_size, merge_size, margin,
+                         min_coverage, /*pinned=*/true);
+    if (plan.num_images > 0) meta = plan.image_meta.to(boxes.device(), /*non_blocking=*/true);
+  } else {
+    plan = check_box_mask_args(boxes, box_offsets, image_grid_thw, num_tokens, patch_size, merge_size, margin,
+                               min_coverage);
+    if (plan.num_images > 0) {
+      // CPU metadata beside GPU metadata: copied through a FRESH pinned buffer. (pin_memory()
+      // returns a caller's already-pinned tensor itself, and the async copy would then read it
+      // after the op returned, racing with the caller's next write to it.)
+      auto on_device = [&](const at::Tensor& t) {
+        if (!t.device().is_cpu()) return t.contiguous();
+        at::Tensor staged = at::empty(t.sizes(), t.options().pinned_memory(true));
+        staged.copy_(t);
+        return staged.to(boxes.device(), /*non_blocking=*/true);
+      };
+      const at::Tensor grid = on_device(image_grid_thw);
+      const at::Tensor offs = on_device(box_offsets);
+      meta = at::empty({plan.num_images, 6}, boxes.options().dtype(at::kLong));
+      cuda::BoxPlanArgs pa;
+      pa.grid = grid.data_ptr();
+      pa.grid_is_int64 = grid.scalar_type() == at::kLong;
+      pa.offsets = offs.data_ptr();
+      pa.offsets_is_int64 = offs.scalar_type() == at::kLong;
+      pa.num_images = plan.num_images;
+      pa.num_boxes = boxes.size(0);
+      pa.num_tokens = num_tokens;
+      pa.merge_size = merge_size;
+      pa.image_meta = meta.data_ptr<int64_t>();
+      cuda::box_mask_plan(pa, current_stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
   at::Tensor keep = at::empty({num_tokens}, boxes.options().dtype(at::kBool));
   at::Tensor counts = at::empty({plan.num_images}, boxes.options().dtype(at::kInt));
   if (plan.num_images == 0) return {keep, counts};
-  const at::Tensor meta = plan.image_meta.to(boxes.device(), /*non_blocking=*/true);
   cuda::BoxMaskArgs a;
   a.boxes = plan.boxes.data_ptr<double>();
   a.image_meta = meta.data_ptr<int64_t>();
@@ -157,6 +194,13 @@ at::Tensor segment_reduce_rows_cuda(const at::Tensor& src_in, const at::Tensor& 
   a.offsets = p.offsets.data_ptr<int64_t>();
   a.mean = mean;
   a.dtype = cuda_dtype(p.src.scalar_type());
+  // Partial sums of long segments (tsparse/segment_plan.h); empty when no segment can be split.
+  const int64_t ws_bytes = cuda::segment_reduce_workspace_bytes(a.perm_len, a.cols, a.dtype);
+  at::Tensor ws;
+  if (ws_bytes > 0) {
+    ws = at::empty({ws_bytes}, p.src.options().dtype(at::kByte));
+    a.workspace = ws.data_ptr();
+  }
   cuda::segment_reduce_rows(a, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -184,7 +228,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_cuda(const at::Tensor
   c10::cuda::CUDAGuard guard(x.device());
   static const RowKernels kernels{&compose_rows_cuda, &segment_reduce_rows_cuda,
                                   &row_inv_norms_cuda};
-  return fuse_tokens_impl(x, keep, token_offsets, kept_counts, kernels);
+  return fuse_tokens_impl(x, keep, c10::nullopt, token_offsets, kept_counts, kernels);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_tokens_nearest_cuda(const at::Tensor& x,
+                                                                        const at::Tensor& keep,
+                                                                        const at::Tensor& coords,
+                                                                        at::IntArrayRef token_offsets,
+                                                                        at::IntArrayRef kept_counts) {
+  check_cuda(x, "fuse_tokens_nearest", "x");
+  c10::cuda::CUDAGuard guard(x.device());
+  static const RowKernels kernels{&compose_rows_cuda, &segment_reduce_rows_cuda,
+                                  &row_inv_norms_cuda};
+  return fuse_tokens_impl(x, keep, coords, token_offsets, kept_counts, kernels);
 }
 }  // namespace
 
@@ -196,6 +252,7 @@ TORCH_LIBRARY_IMPL(tsparse, CUDA, m) {
   m.impl("segment_reduce_rows", &segment_reduce_rows_cuda);
   m.impl("row_inv_norms", &row_inv_norms_cuda);
   m.impl("fuse_tokens", &fuse_tokens_cuda);
+  m.impl("fuse_tokens_nearest", &fuse_tokens_nearest_cuda);
 }
 
 }  // namespace tsparse

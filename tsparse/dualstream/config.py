@@ -88,13 +88,21 @@ def yaml_loader():
 
 
 def load_yaml(name_or_path: PathLike) -> dict:
-    """Reads a YAML config (see :func:`resolve_config_path`) into a dict; ``ValueError`` when
-    the top level is not a mapping. Numbers such as ``1e-6`` are floats (:func:`yaml_loader`)."""
+    """Reads a YAML config (see :func:`resolve_config_path`) into a dict; ``ValueError`` naming
+    the file when it is not UTF-8 text, not valid YAML, or its top level is not a mapping. Numbers such as ``1e-6`` are floats (:func:`yaml_loader`)."""
     import yaml
 
     path = resolve_config_path(name_or_path)
-    with open(path, "r", encoding="utf-8") as f:
-        data = yaml.load(f, Loader=yaml_loader())
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = yaml.load(f, Loader=yaml_loader())
+    except UnicodeDecodeError:
+        raise ValueError(f"config {path}: not a UTF-8 text file (expected YAML)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or getattr(e, "reason", None) or type(e).__name__
+        raise ValueError(f"config {path}: not valid YAML ({what}{where})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -242,9 +250,14 @@ class RewardWeights:
 @dataclass(frozen=True)
 class PruningConfig:
     """How a localization response's boxes prune the sparse stream's visual tokens
-    (see :func:`tsparse.dualstream.pruning.sparse_stream_inputs`)."""
+    (see :func:`tsparse.dualstream.pruning.sparse_stream_inputs`).
 
-    fuse: bool = True
+    ``fuse``: the fusion method of the dropped tokens, one of
+    :data:`tsparse.ops.FUSION_METHODS` (``none``, ``cosine_mean``, ``nearest_kept``,
+    ``summary``); ``true`` / ``false`` (what the key used to hold) still mean ``cosine_mean`` /
+    ``none`` and are stored as those names."""
+
+    fuse: str = "cosine_mean"
     fallback: str = "full_image"
     box_scope: str = "sample"
     margin: float = 0.0
@@ -252,8 +265,9 @@ class PruningConfig:
     padding_side: str = "left"
 
     def __post_init__(self):
-        if not isinstance(self.fuse, bool):
-            raise ValueError(f"`pruning.fuse` must be a bool, got {self.fuse!r}")
+        from ..ops.visual_tokens import fusion_method
+
+        object.__setattr__(self, "fuse", fusion_method(self.fuse, "pruning.fuse"))
         _choice(self.fallback, ("full_image", "drop_image"), "pruning.fallback")
         _choice(self.box_scope, ("sample", "image"), "pruning.box_scope")
         _choice(self.padding_side, ("left", "right"), "pruning.padding_side")

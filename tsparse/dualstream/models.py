@@ -8,13 +8,13 @@ model and for any local Qwen2.5-VL-family checkpoint (Lingshu-7B, Qwen2.5-VL-7B,
   (id = real id - 151643 + 256), then the format tags as single tokens. The model's config
   carries the remapped ids (``image_token_id``, ``vision_start_token_id``, ...); code here
   and in :mod:`tsparse.dualstream.pruning` reads ids from the config, never hard-codes them.
-* :class:`VLProcessor` - Qwen2.5-VL's processing: the chat template renders
-  ``<|vision_start|><|image_pad|><|vision_end|>`` per image, transformers'
-  ``Qwen2VLImageProcessorPil`` resizes (``smart_resize``: sides to multiples of 28 within
-  min/max pixels), cuts 14-px patches with temporal_patch_size 2 and returns
-  ``pixel_values`` + ``image_grid_thw``, and each ``<|image_pad|>`` is repeated
-  ``t*h*w / merge_size**2`` times, as transformers' ``Qwen2_5_VLProcessor`` does. It needs no
-  torchvision (transformers' processor insists on a video processor, which does).
+* :class:`VLProcessor` - transformers' own processor (``AutoProcessor`` of a checkpoint; for
+  the tiny model the real ``Qwen2_5_VLProcessor`` built from its tokenizer, transformers'
+  Qwen2-VL image processor configured by the config's ``image_processor`` section - PIL backend
+  by default - and its chat template), wrapped with what tsparse's callers share: one stream's
+  prompts from samples, tensors on a device, fixed dtypes, the vision token ids. The processing
+  itself (chat template, ``smart_resize``, 14-px patches, ``<|image_pad|>`` expansion) is
+  transformers'.
 * :func:`load_model_and_processor` - ``"tiny"`` or a local checkpoint path (``--model PATH``).
 
 transformers is imported when these functions run, not when this module is imported.
@@ -264,38 +264,56 @@ def _ordinal_coordinate_init(model, tokenizer) -> None:
 
 # --------------------------------------------------------------------------------------
 class VLProcessor:
-    """Chat text + images -> Qwen2.5-VL model inputs.
+    """Chat text + images -> Qwen2.5-VL model inputs, through transformers' own processor.
+
+    All processing is done by ``processor`` (the checkpoint's ``AutoProcessor``, e.g.
+    ``Qwen2_5_VLProcessor``: the chat template, the image processor's ``smart_resize`` and
+    patching into ``pixel_values`` + ``image_grid_thw``, and the expansion of each
+    ``<|image_pad|>`` into ``t*h*w / merge_size**2`` tokens), so a checkpoint is processed
+    exactly as its authors' code does. This class adds what tsparse's callers share: the batch
+    of one stream's prompts from samples (:meth:`encode_samples`), tensors on a device, fixed
+    dtypes, and the ids of the vision tokens.
 
     Args:
-        tokenizer: a transformers tokenizer with Qwen's vision tokens and a chat template.
-        image_processor: a Qwen2-VL image processor (``Qwen2VLImageProcessorPil``): it gives
-            ``pixel_values`` and ``image_grid_thw`` and holds ``merge_size``.
-        chat_template: overrides the tokenizer's template (``None``: use the tokenizer's).
+        processor: a transformers processor of the Qwen2-VL family (it has ``tokenizer``,
+            ``image_processor`` with ``merge_size``, a chat template, and expands image tokens).
     """
 
-    def __init__(self, tokenizer, image_processor, chat_template: Optional[str] = None):
-        if getattr(image_processor, "merge_size", None) is None:
-            raise ValueError("`image_processor` must be a Qwen2-VL image processor (it has no merge_size)")
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.chat_template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
-        if not self.chat_template:
-            raise ValueError("no chat template: `tokenizer` has none and `chat_template` was not given")
-        ids = vision_token_ids(tokenizer)
-        self.image_token = "<|image_pad|>"
+    def __init__(self, processor):
+        ip = getattr(processor, "image_processor", None)
+        if getattr(ip, "merge_size", None) is None or getattr(processor, "tokenizer", None) is None:
+            raise ValueError(f"`processor` must be a Qwen2-VL-family processor with a tokenizer and an image processor "
+                             f"that has merge_size, got {type(processor).__name__}")
+        if not getattr(processor, "chat_template", None):
+            raise ValueError(f"`processor` ({type(processor).__name__}) has no chat template")
+        self.hf = processor
+        ids = vision_token_ids(processor.tokenizer)
+        self.image_token = getattr(processor, "image_token", "<|image_pad|>")
         self.image_token_id = ids["image_token_id"]
         self.vision_start_token_id = ids["vision_start_token_id"]
         self.vision_end_token_id = ids["vision_end_token_id"]
-        self.merge_size = int(image_processor.merge_size)
+
+    @property
+    def tokenizer(self):
+        return self.hf.tokenizer
+
+    @property
+    def image_processor(self):
+        return self.hf.image_processor
+
+    @property
+    def chat_template(self) -> str:
+        return self.hf.chat_template
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.hf.image_processor.merge_size)
 
     # -- text ----------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Mapping], *, add_generation_prompt: bool = True) -> str:
         """Renders chat messages (HF multimodal format, see
         :func:`tsparse.dualstream.data.build_messages`) to text, one ``<|image_pad|>`` per image."""
-        return self.tokenizer.apply_chat_template(
-            list(messages), chat_template=self.chat_template, tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
+        return self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
         """Token ids (a list or 1-D tensor) -> text, special tokens dropped by default."""
@@ -316,7 +334,8 @@ class VLProcessor:
         padding_side: str = "left",
         device: Optional[Union[str, torch.device]] = None,
     ) -> dict:
-        """Tokenizes a batch, expanding each ``<|image_pad|>`` to its image's token count.
+        """Tokenizes a batch with the transformers processor (which expands each
+        ``<|image_pad|>`` to its image's token count).
 
         Args:
             texts: ``B`` rendered chats; text ``b`` holds one ``<|image_pad|>`` per image in
@@ -329,8 +348,8 @@ class VLProcessor:
 
         Returns a dict: ``input_ids`` int64 ``[B, L]``, ``attention_mask`` int64 ``[B, L]``,
         ``mm_token_type_ids`` int32 ``[B, L]`` (1 on image tokens), and when there are images
-        ``pixel_values`` float32 ``[num_patches, 3 * 2 * 14 * 14]`` and ``image_grid_thw``
-        int64 ``[num_images, 3]`` (images in batch order).
+        ``pixel_values`` float32 ``[num_patches, 3 * temporal_patch_size * patch_size**2]`` and
+        ``image_grid_thw`` int64 ``[num_images, 3]`` (images in batch order).
 
         Raises ``ValueError`` naming the text whose placeholder count does not match its images.
         """
@@ -350,26 +369,13 @@ class VLProcessor:
             if n != len(ims):
                 raise ValueError(f"`texts[{b}]` has {n} {self.image_token} placeholders for {len(ims)} images")
             flat += [im.convert("RGB") if hasattr(im, "convert") else im for im in ims]
+        enc = self.hf(text=texts, images=flat or None, padding=True, padding_side=padding_side,
+                      return_tensors="pt", add_special_tokens=False, return_mm_token_type_ids=False)
+        ids = enc["input_ids"].to(torch.int64)
         out: dict = {}
         if flat:
-            vis = self.image_processor(images=flat, return_tensors="pt")
-            grid = vis["image_grid_thw"].to(torch.int64)
-            out["pixel_values"] = vis["pixel_values"]
-            out["image_grid_thw"] = grid
-            counts = (grid.prod(-1) // (self.merge_size**2)).tolist()
-            k = 0
-            expanded = []
-            for t in texts:
-                parts = t.split(self.image_token)
-                s = parts[0]
-                for p in parts[1:]:
-                    s += self.image_token * counts[k] + p
-                    k += 1
-                expanded.append(s)
-            texts = expanded
-        enc = self.tokenizer(texts, padding=True, padding_side=padding_side, return_tensors="pt",
-                             add_special_tokens=False)
-        ids = enc["input_ids"].to(torch.int64)
+            out["pixel_values"] = enc["pixel_values"]
+            out["image_grid_thw"] = enc["image_grid_thw"].to(torch.int64)
         out["input_ids"] = ids
         out["attention_mask"] = enc["attention_mask"].to(torch.int64)
         out["mm_token_type_ids"] = (ids == self.image_token_id).to(torch.int32)
@@ -398,49 +404,82 @@ class VLProcessor:
         out["texts"] = texts
         return out
 
+    @property
+    def image_backend(self) -> str:
+        """``"pil"`` or ``"torchvision"``: which of transformers' two image processor backends
+        this processor uses (their resampling and float rounding differ slightly)."""
+        return "pil" if type(self.image_processor).__name__.endswith("Pil") else "torchvision"
+
     # -- persistence ---------------------------------------------------------------------
     def save_pretrained(self, path: PathLike) -> None:
-        """Writes the tokenizer (with the chat template) and the image processor config."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.chat_template = self.chat_template
-        self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path)
-        (path / "chat_template.json").write_text(json.dumps({"chat_template": self.chat_template}), encoding="utf-8")
+        """The transformers processor's own ``save_pretrained`` (tokenizer, image and video
+        processor configs, chat template), plus ``tsparse_processor.json`` recording the image
+        backend (transformers does not record it: ``AutoProcessor`` picks torchvision when it is
+        installed), so :meth:`from_pretrained` processes the folder as the run that saved it."""
+        self.hf.save_pretrained(str(path))
+        (Path(path) / PROCESSOR_FILE).write_text(json.dumps({"image_backend": self.image_backend}), encoding="utf-8")
 
     @classmethod
     def from_pretrained(cls, path: PathLike) -> "VLProcessor":
-        """Loads from a local folder (a Qwen2.5-VL-family checkpoint or
-        :meth:`save_pretrained` output): ``AutoTokenizer`` and ``Qwen2VLImageProcessorPil``
-        with ``local_files_only``; the chat template from the tokenizer, else the folder's
-        ``chat_template.json`` / ``chat_template.jinja``."""
-        from transformers import AutoTokenizer
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        """transformers' ``AutoProcessor.from_pretrained(path, local_files_only=True)`` of a local
+        folder (a Qwen2.5-VL-family checkpoint, or :meth:`save_pretrained` output): a checkpoint
+        is processed exactly as transformers processes it. One addition: the image backend a
+        tsparse checkpoint records (``tsparse_processor.json``; PIL for a ``tsparse.train``
+        checkpoint of an earlier version, recognised by its ``tsparse_method.yaml``) is the one
+        loaded, so a trained model sees the pixels it was trained on. A processor without a chat template takes its
+        tokenizer's."""
+        from transformers import AutoImageProcessor, AutoProcessor
 
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"`path`: {str(path)!r} is not a folder")
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        ip = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
-        template = getattr(tok, "chat_template", None)
-        if not template and (path / "chat_template.json").is_file():
-            template = json.loads((path / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
-        if not template and (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(tok, ip, template)
+        proc = AutoProcessor.from_pretrained(str(path), local_files_only=True)
+        backend = _recorded_image_backend(path)
+        if backend is not None and backend != ("pil" if type(proc.image_processor).__name__.endswith("Pil")
+                                               else "torchvision"):
+            proc.image_processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True,
+                                                                      backend=backend)
+        if not getattr(proc, "chat_template", None) and getattr(getattr(proc, "tokenizer", None), "chat_template", None):
+            proc.chat_template = proc.tokenizer.chat_template
+        return cls(proc)
 
 
-def _tiny_image_processor(cfg: Mapping):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+PROCESSOR_FILE = "tsparse_processor.json"
+_IMAGE_BACKENDS = {"pil": "Qwen2VLImageProcessorPil", "torchvision": "Qwen2VLImageProcessor"}
 
-    ip = _section(cfg, "image_processor")
-    return Qwen2VLImageProcessorPil(
-        min_pixels=int(ip.get("min_pixels", 3136)),
-        max_pixels=int(ip.get("max_pixels", 200704)),
-        patch_size=int(ip.get("patch_size", 14)),
-        temporal_patch_size=int(ip.get("temporal_patch_size", 2)),
-        merge_size=int(ip.get("merge_size", 2)),
-    )
+
+def _recorded_image_backend(path: Path) -> Optional[str]:
+    """The image backend a tsparse checkpoint recorded, or ``None`` (transformers' choice)."""
+    try:
+        if (path / PROCESSOR_FILE).is_file():
+            backend = json.loads((path / PROCESSOR_FILE).read_text(encoding="utf-8")).get("image_backend")
+            return backend if backend in _IMAGE_BACKENDS else None
+        if (path / "tsparse_method.yaml").is_file():
+            return "pil"  # a tsparse.train checkpoint from before this record: its processor was PIL-only
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None
+
+
+def _tiny_processor(cfg: Mapping, tokenizer):
+    """transformers' ``Qwen2_5_VLProcessor`` of the tiny model, built from the config: the
+    tiny tokenizer; transformers' Qwen2-VL image processor with every key of the config's
+    ``image_processor`` section as its settings, ``backend`` (``pil``: ``Qwen2VLImageProcessorPil``,
+    the default; ``torchvision``: ``Qwen2VLImageProcessor``) choosing the class; a
+    ``Qwen2VLVideoProcessor`` with the same patching (``patch_size``, ``temporal_patch_size``,
+    ``merge_size``); and ``chat_template``."""
+    import transformers
+
+    ip_cfg = _section(cfg, "image_processor")
+    backend = ip_cfg.pop("backend", "pil")
+    if backend not in _IMAGE_BACKENDS:
+        raise ValueError(f"tiny model config: `image_processor.backend` must be one of {sorted(_IMAGE_BACKENDS)}, "
+                         f"got {backend!r}")
+    image_processor = getattr(transformers, _IMAGE_BACKENDS[backend])(**ip_cfg)
+    video_processor = transformers.Qwen2VLVideoProcessor(
+        **{k: ip_cfg[k] for k in ("patch_size", "temporal_patch_size", "merge_size") if k in ip_cfg})
+    return transformers.Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                            video_processor=video_processor, chat_template=cfg["chat_template"])
 
 
 def build_tiny(
@@ -454,7 +493,7 @@ def build_tiny(
     cfg = _tiny_config(cfg)
     tok = build_tiny_tokenizer(cfg)
     model = build_tiny_model(tok, cfg, seed=seed, dtype=dtype)
-    return model, VLProcessor(tok, _tiny_image_processor(cfg), cfg["chat_template"])
+    return model, VLProcessor(_tiny_processor(cfg, tok))
 
 
 def load_model_and_processor(

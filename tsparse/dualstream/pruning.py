@@ -7,8 +7,12 @@ processor returns: ``input_ids``, ``attention_mask``, ``image_grid_thw`` and
 :class:`SparseInputs`:
 
 1. the image embeddings (the vision tower's merger output, Qwen2.5-VL token order) go through
-   :func:`tsparse.ops.select_visual_tokens` (token fusion on or off): the tokens inside the
-   boxes are kept, with the dropped ones fused into them when ``fuse``;
+   :func:`tsparse.ops.select_visual_tokens`: the tokens inside the boxes are kept and the
+   dropped ones handled by the named fusion method ``fuse`` (``none``: removed;
+   ``cosine_mean``: merged into their most similar kept token; ``nearest_kept``: into the
+   spatially nearest kept token; ``summary``: pooled into one extra token per image that takes
+   the place - column and original position - of the image's dropped token nearest its
+   centre; see :mod:`tsparse.ops.visual_tokens`);
 2. the pruned ``<|image_pad|>`` columns are removed from ``input_ids`` and the attention mask,
    and each row is re-padded (left by default, ready for ``generate``);
 3. every kept token keeps its ORIGINAL 3-D M-RoPE position: the positions come from the
@@ -24,7 +28,7 @@ An image with no usable box keeps all its tokens (``fallback="full_image"``) or 
 (``"drop_image"``). Several images per sample are supported; boxes are given per sample
 (applying to each of its images: ``box_scope="sample"``) or per image.
 
-With a box covering the whole image (fusion on or off) the sparse inputs reproduce the dense
+With a box covering the whole image (any fusion method) the sparse inputs reproduce the dense
 forward exactly (tested). Videos are not supported.
 
 :func:`assemble_sparse_inputs` does steps 2-4 for any other choice of kept tokens (the pruning
@@ -240,7 +244,7 @@ def sparse_stream_inputs(
     pixel_values: Optional[Tensor] = None,
     image_embeds: Optional[Tensor] = None,
     config: Optional[PruningConfig] = None,
-    fuse: Optional[bool] = None,
+    fuse: Union[bool, str, None] = None,
     fallback: Optional[str] = None,
     box_scope: Optional[str] = None,
     margin: Optional[float] = None,
@@ -267,7 +271,10 @@ def sparse_stream_inputs(
             stream's rollout), Qwen2.5-VL order.
         config: a :class:`~tsparse.dualstream.config.PruningConfig` (default: its defaults);
             the keyword arguments below override single fields of it.
-        fuse: fuse dropped tokens into kept ones (``True``) or drop them (``False``).
+        fuse: the fusion method (:data:`tsparse.ops.FUSION_METHODS`: ``"none"``,
+            ``"cosine_mean"``, ``"nearest_kept"``, ``"summary"``; ``True``/``False`` mean
+            ``"cosine_mean"``/``"none"``). With ``"summary"`` the kept counts include each
+            pruned image's summary token.
         fallback: ``"full_image"`` or ``"drop_image"`` for an image without a usable box.
         box_scope: ``"sample"`` or ``"image"``.
         margin, min_coverage: as :func:`tsparse.ops.box_to_patch_mask`.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import _library  # noqa: F401
+from . import _checks
 
 _ops = torch.ops.tsparse
 
@@ -33,17 +34,28 @@ def segment_sum_by_key(values, keys, num_keys: int):
 
 @torch.library.register_fake("tsparse::compose_rows")
 def _compose_rows_fake(src, row_map, fill, row_scale):
+    _checks.fake_same_device("compose_rows", "row_map", row_map, ("src", "fill", "row_scale"), src=src, fill=fill,
+                             row_scale=row_scale)
     ref = src if src is not None else fill
+    if ref is None:
+        raise ValueError("tsparse.compose_rows: at least one of `src` and `fill` must be given")
+    _checks.fake_dims("compose_rows", src=(src, 2), row_map=(row_map, 1), fill=(fill, 2), row_scale=(row_scale, 1))
     return ref.new_empty((row_map.shape[0], ref.shape[1]))
 
 
 @torch.library.register_fake("tsparse::segment_reduce_rows")
 def _segment_reduce_rows_fake(src, perm, offsets, mean):
+    _checks.fake_same_device("segment_reduce_rows", "src", src, perm=perm, offsets=offsets)
+    _checks.fake_dims("segment_reduce_rows", src=(src, 2), perm=(perm, 1), offsets=(offsets, 1))
+    if offsets.shape[0] < 1:
+        raise ValueError("tsparse.segment_reduce_rows: `offsets` must be 1-D [rows + 1]")
     return src.new_empty((offsets.shape[0] - 1, src.shape[1]))
 
 
 @torch.library.register_fake("tsparse::row_inv_norms")
 def _row_inv_norms_fake(x, eps):
+    _checks.fake_same_device("row_inv_norms", "x", x)
+    _checks.fake_dims("row_inv_norms", x=(x, 2))
     return x.new_empty((x.shape[0],), dtype=torch.float32)
 
 

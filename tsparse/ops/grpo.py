@@ -12,7 +12,8 @@ per-stream aggregation, and fused linear variants that never materialize the log
 
 Math (``csrc/include/tsparse/grpo_math.h``, shared by the CPU and CUDA kernels): per row, an
 online (max, sum exp, sum exp * z) log-sum-exp over ``z = logits / temperature`` in fp32
-(fp64 for fp64 logits), so the row is read once and the entropy comes for free. The backward
+(fp64 for fp64 logits), kept in base 2 (one FFMA and one exp2 per logit on the GPU; error bound
+in profiling/NOTES.md), so the row is read once and the entropy comes for free. The backward
 writes ``dlogits = (g_logp * (onehot - p) + g_ent * dH/dz) / temperature`` in one pass from the
 saved per-row statistics (row max, log normalizer, entropy): no [T, V] temporary.
 
@@ -21,7 +22,9 @@ including a NaN or non-positive temperature) or ``IndexError`` (a target, stream
 out of range, on the CPU) naming the argument. On CUDA, target values are checked inside the
 kernels (no host sync): a bad target aborts the kernel with a device-side error naming
 ``tsparse.logprobs``, like PyTorch's own indexing; stream and sequence ids are checked with
-``torch._assert_async``. The CUDA context is unusable after such an error.
+``torch._assert_async`` (also on the CPU inside ``torch.compile``, so ``fullgraph=True`` works:
+a ``RuntimeError`` naming the argument). The CUDA context is unusable after such an error. A
+meta tensor mixed with real ones is refused by every raw op (its fake kernel checks devices).
 
 Autocast: every op here computes in the precision above inside an autocast region too (autocast
 is off inside them). The fused linear ops first cast ``hidden`` and ``weight`` to the region's
@@ -33,6 +36,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -41,7 +46,9 @@ from torch import Tensor
 from torch.autograd.graph import increment_version
 
 from .. import _library  # noqa: F401  (loads tsparse._C: the torch.ops.tsparse schemas)
+from .. import _C
 from .._nvtx import annotate
+from . import _checks
 
 __all__ = [
     "logprobs",
@@ -56,7 +63,9 @@ __all__ = [
 
 _ops = torch.ops.tsparse
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean")
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
+#: more streams than this is taken for a mistake (stream ids must be small integers 0..S-1)
+MAX_STREAMS = 64
 _KL_BASE = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 KL_TYPES = _KL_BASE + tuple(k + "+" for k in _KL_BASE)
 #: logits bytes per chunk of the fused linear ops when ``chunk_size`` is not given
@@ -85,8 +94,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("tsparse::logprobs")
 def _logprobs_fake(logits, targets, temperature, with_entropy):
-    torch._check(logits.dim() == 2, lambda: "tsparse.logprobs: `logits` must be 2-D [T, V]")
-    torch._check(targets.dim() == 1, lambda: "tsparse.logprobs: `targets` must be 1-D [T]")
+    _checks.fake_same_device("logprobs", "logits", logits, targets=targets)
+    _checks.fake_dims("logprobs", logits=(logits, 2), targets=(targets, 1))
     t = logits.shape[0]
     acc = _acc_dtype(logits.dtype)
     return (
@@ -99,21 +108,74 @@ def _logprobs_fake(logits, targets, temperature, with_entropy):
 
 @torch.library.register_fake("tsparse::logprobs_backward")
 def _logprobs_backward_fake(logits, targets, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature):
+    _checks.fake_same_device("logprobs_backward", "logits", logits, ("grad_logp", "grad_entropy"), targets=targets,
+                             row_max=row_max, log_norm=log_norm, entropy=entropy, grad_logp=grad_logp,
+                             grad_entropy=grad_entropy)
+    _checks.fake_dims("logprobs_backward", logits=(logits, 2), targets=(targets, 1))
     return logits.new_empty(logits.shape)
 
 
 @torch.library.register_fake("tsparse::logprobs_backward_")
 def _logprobs_backward_inplace_fake(logits, targets, row_max, log_norm, entropy, grad_logp, grad_entropy,
                                     temperature):
+    _checks.fake_same_device("logprobs_backward_", "logits", logits, ("grad_logp", "grad_entropy"), targets=targets,
+                             row_max=row_max, log_norm=log_norm, entropy=entropy, grad_logp=grad_logp,
+                             grad_entropy=grad_entropy)
     return None
 
 
 @torch.library.register_fake("tsparse::grpo_token_terms")
 def _grpo_token_terms_fake(logp, old_logp, advantages, ref_logp, is_weights, clip_low, clip_high,
                            clip_ratio_c, kl_type, clamp_edges):
+    _checks.fake_same_device("grpo_token_terms", "logp", logp, ("ref_logp", "is_weights"), old_logp=old_logp,
+                             advantages=advantages, ref_logp=ref_logp, is_weights=is_weights)
+    _checks.fake_dims("grpo_token_terms", logp=(logp, 1))
     n = logp.shape[0]
     f = lambda: logp.new_empty((n,))  # noqa: E731
     return f(), f(), f(), logp.new_empty((n,), dtype=torch.uint8), f(), f(), f()
+
+
+def _fused_outputs_fake(logits, with_entropy, entropy_coef):
+    t = logits.shape[0]
+    acc = _acc_dtype(logits.dtype)
+    f = lambda: logits.new_empty((t,), dtype=acc)  # noqa: E731
+    ent = logits.new_empty((t if (with_entropy or entropy_coef != 0) else 0,), dtype=acc)
+    return f(), ent, f(), f(), f(), logits.new_empty((t,), dtype=torch.uint8)
+
+
+def _fused_inputs_fake(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight):
+    # The C++ glue names the public op (grpo_loss) in its messages; so do the fake kernels.
+    op = "grpo_loss"
+    _checks.fake_same_device(op, "logits", logits, ("ref_logp", "is_weights"), targets=targets, old_logp=old_logp,
+                             advantages=advantages, ref_logp=ref_logp, is_weights=is_weights,
+                             token_weight=token_weight)
+    _checks.fake_dims(op, logits=(logits, 2), targets=(targets, 1), old_logp=(old_logp, 1),
+                      advantages=(advantages, 1), ref_logp=(ref_logp, 1), is_weights=(is_weights, 1),
+                      token_weight=(token_weight, 1))
+
+
+@torch.library.register_fake("tsparse::grpo_loss_fused")
+def _grpo_loss_fused_fake(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight, temperature,
+                          clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges, kl_coef, entropy_coef,
+                          with_entropy, with_grad, single_read):
+    _fused_inputs_fake(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight)
+    grad = logits.new_empty((logits.shape[0] if with_grad else 0, logits.shape[1]))
+    return (*_fused_outputs_fake(logits, with_entropy, entropy_coef), grad)
+
+
+@torch.library.register_fake("tsparse::grpo_loss_fused_")
+def _grpo_loss_fused_inplace_fake(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight,
+                                  temperature, clip_low, clip_high, clip_ratio_c, kl_type, clamp_edges, kl_coef,
+                                  entropy_coef, with_entropy, single_read):
+    _fused_inputs_fake(logits, targets, old_logp, advantages, ref_logp, is_weights, token_weight)
+    return _fused_outputs_fake(logits, with_entropy, entropy_coef)
+
+
+@torch.library.register_fake("tsparse::scale_rows_")
+def _scale_rows_fake(x, scale):
+    _checks.fake_same_device("scale_rows_", "x", x, scale=scale)
+    _checks.fake_dims("scale_rows_", x=(x, 2))
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -252,11 +314,201 @@ def _can_write_logits(logits: Tensor) -> bool:
     return inner_ok and rows_ok
 
 
+# --------------------------------------------------------------------------------------
+# In-place backward: the gradient may only overwrite memory that nothing else can observe.
+#
+# The write happens in backward, outside autograd's own in-place bookkeeping, so it is allowed
+# only when, at that moment, the logits' memory is reachable through the logits alone:
+#   * the logits are not a leaf, nor a view of a leaf (``leaf[:, :]``, ``leaf.view(...)``,
+#     ``Parameter.reshape(...)``): torch's own rule for in-place ops (mark_dirty) refuses those;
+#   * a view only when it spans its whole base (``out.squeeze(0)``: the base IS the logits in
+#     another shape), that base is not a leaf and the caller holds no reference to it;
+#   * no other tensor shares the storage (a detached alias, another view, or an output the
+#     producing op saved for ITS backward - ``tanh``, ``exp``, ``softmax`` save their result);
+#   * no other autograd node saved the logits themselves (it would read the gradient).
+# The counts come from ``tsparse._C.alias_counts`` (reference counts read without taking one)
+# and are compared with a baseline measured on this torch at first use (:func:`_exclusive_counts`),
+# never hard-coded. Otherwise the backward returns a fresh gradient (always correct).
+#
+# grpo_loss(impl="single_read", inplace_backward=True) writes the gradient DURING THE FORWARD:
+# the same rule is checked then, against a baseline of the same counts taken at that point
+# (:func:`_exclusive_counts_forward`; the references differ from backward time, where the
+# logits are unpacked from ctx.saved_tensors). A node that saves the logits LATER, or any read
+# of the logits after the op returned, sees the gradient: that is the in-place contract. What
+# the counts cannot see are references held only on the Python side (a saved-tensor hook that
+# keeps the tensor object, torch.utils.checkpoint's inputs); the forward-time check therefore
+# also refuses while saved-tensor hooks are active. After an in-place write the logits' Python
+# object is marked (:func:`_mark_holds_grad`), so a later tsparse GRPO op on the same logits
+# raises instead of reading the gradient as logits.
+_PROBED: list = []
+
+
+def _observers(t: Tensor) -> tuple:
+    """(TensorImpl uses, storage uses, view base's TensorImpl uses, Python references to the view
+    base): who else can reach ``t``'s memory. Compared only with :func:`_exclusive_counts`."""
+    impl, storage, base_impl = _C.alias_counts(t)
+    base_refs = -1
+    if t._is_view():
+        base = t._base
+        base_refs = sys.getrefcount(base)
+        del base
+    return impl, storage, base_impl, base_refs
+
+
+def _inplace_candidate(logits: Tensor) -> bool:
+    """The forward-time part of the rule above (no counts: those are read when writing)."""
+    if logits.grad_fn is None or not _can_write_logits(logits):
+        return False  # a leaf's values belong to the user; an unwritable layout
+    if logits._is_view():
+        base = logits._base
+        if base.grad_fn is None:
+            return False  # a view of a leaf (or of a tensor that does not require grad)
+        if base.data_ptr() != logits.data_ptr() or base.numel() != logits.numel():
+            return False  # part of a larger tensor: the rest of it is someone else's
+    return True
+
+
+class _AliasProbe(torch.autograd.Function):
+    """Records :func:`_observers` of its input at backward time, where and as the in-place
+    backward reads them (saved with save_for_backward, unpacked from ctx.saved_tensors)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.candidate = _inplace_candidate(x)
+        ctx.save_for_backward(x)
+        return x.sum(dim=-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        _PROBED.append(_observers(x))
+        return torch.zeros_like(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _exclusive_counts() -> Optional[tuple]:
+    """The observer counts of logits nothing else can reach - (plain non-leaf, whole view of a
+    temporary non-leaf) - measured on this torch, or None when the counts cannot tell an
+    observed tensor from an unobserved one (then the in-place backward is never used)."""
+
+    def probe(make):
+        with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.disable_saved_tensors_hooks(
+            "tsparse: the in-place backward's alias baseline is measured without saved-tensor hooks"
+        ):
+            w = torch.zeros(1, 2, 3, requires_grad=True)
+            x, keep = make(w)
+            _AliasProbe.apply(x).sum().backward()
+            del keep
+        return _PROBED.pop()
+
+    try:
+        plain = probe(lambda w: (w[0] * 1.0, None))
+        view = probe(lambda w: ((w * 1.0).squeeze(0), None))
+        # Self-test: each kind of observer must show up, or the sensor is blind on this torch.
+        alias = probe(lambda w: (lambda x: (x, x.detach()))(w[0] * 1.0))
+        saved = probe(lambda w: (lambda x: (x, x.sin()))(w[0] * 1.0))
+        kept_base = probe(lambda w: (lambda b: (b.squeeze(0), b))(w * 1.0))
+    except Exception:  # pragma: no cover - a torch without the internals read here
+        return None
+    if alias == plain or saved == plain or kept_base == view or plain[3] != -1 or view[3] < 0:
+        return None  # pragma: no cover
+    return plain, view
+
+
+# Measured once at import (like CLAMP_EDGES), outside any user context such as saved-tensor hooks.
+_exclusive_counts()
+
+
+def _unobserved(logits: Tensor) -> bool:
+    """True when nothing but ``logits`` (as saved by the in-place Function) reaches its memory."""
+    ref = _exclusive_counts()
+    if ref is None:
+        return False
+    plain, view = ref
+    return _observers(logits) == (view if logits._is_view() else plain)
+
+
+@functools.lru_cache(maxsize=None)
+def _exclusive_counts_forward() -> Optional[tuple]:
+    """:func:`_exclusive_counts` for a check made in the forward, before the op runs (the
+    caller's logits, no autograd Function holding them yet): (plain non-leaf, whole view of a
+    temporary non-leaf), or None when the counts cannot tell an observed tensor from an
+    unobserved one on this torch (then the single-read path never writes in place)."""
+
+    def probe(make):
+        with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.disable_saved_tensors_hooks(
+            "tsparse: the in-place forward's alias baseline is measured without saved-tensor hooks"
+        ):
+            w = torch.zeros(1, 2, 3, requires_grad=True)
+            x, keep = make(w)
+            counts = _observers(x)
+            del keep
+        return counts
+
+    try:
+        plain = probe(lambda w: (w[0] * 1.0, None))
+        view = probe(lambda w: ((w * 1.0).squeeze(0), None))
+        # Self-test: each kind of observer must show up, or the sensor is blind on this torch.
+        alias = probe(lambda w: (lambda x: (x, x.detach()))(w[0] * 1.0))
+        saved = probe(lambda w: (lambda x: (x, x.sin()))(w[0] * 1.0))
+        saved_out = probe(lambda w: (torch.tanh(w[0]), None))
+        kept_base = probe(lambda w: (lambda b: (b.squeeze(0), b))(w * 1.0))
+    except Exception:  # pragma: no cover - a torch without the internals read here
+        return None
+    if plain in (alias, saved, saved_out) or kept_base == view or plain[3] != -1 or view[3] < 0:
+        return None  # pragma: no cover
+    return plain, view
+
+
+# Measured once at import, as the backward's baseline.
+_exclusive_counts_forward()
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Default saved-tensor hooks are installed (their packed objects may hold tensors on the
+    Python side, where the counts cannot see them)."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
+    except Exception:  # pragma: no cover - a torch without this internal: assume hooks
+        return True
+
+
+def _unobserved_in_forward(logits: Tensor) -> bool:
+    """The rule above, checked in the forward of the single-read in-place path (the caller's
+    own Python references to ``logits`` are allowed: after the op the logits hold the gradient)."""
+    ref = _exclusive_counts_forward()
+    if ref is None or _saved_tensor_hooks_active():
+        return False
+    plain, view = ref
+    return _observers(logits) == (view if logits._is_view() else plain)
+
+
+_HOLDS_GRAD = "_tsparse_holds_grad_at_version"
+
+
+def _mark_holds_grad(logits: Tensor) -> None:
+    """Marks a logits tensor whose memory now holds its gradient (at its current version)."""
+    try:
+        setattr(logits, _HOLDS_GRAD, logits._version)
+    except Exception:  # pragma: no cover - a tensor type without a __dict__
+        pass
+
+
+def _check_not_overwritten(logits: Tensor, op: str) -> None:
+    marked = getattr(logits, _HOLDS_GRAD, None)  # (inference tensors have no version: read only when marked)
+    if marked is not None and marked == logits._version:
+        raise ValueError(
+            f"tsparse.{op}: `logits` hold their gradient, written into them by an earlier tsparse op with "
+            "inplace_backward=True (grpo_loss(impl='single_read') writes it in the forward); compute everything "
+            "that reads the logits before that call, or pass inplace_backward=False"
+        )
+
+
 class _LogprobsInplaceBackward(torch.autograd.Function):
     """:func:`logprobs` whose backward writes the gradient into the logits' own storage
-    (flash-attn's ``inplace_backward``). Used only for non-leaf logits; the write bumps the
-    logits' version counter, so any other autograd node that saved the same logits fails loudly
-    ("modified by an inplace operation") instead of reading the gradient as logits."""
+    (flash-attn's ``inplace_backward``) when nothing else can observe that storage (the rule
+    above, checked when the backward runs); otherwise it returns a fresh gradient. The write
+    bumps the logits' version counter."""
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, with_entropy):
@@ -274,12 +526,14 @@ class _LogprobsInplaceBackward(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         g_ent = _entropy_grad(g_ent, entropy, logits.shape[0])
-        if ctx.create_graph or not _can_write_logits(logits):
-            # create_graph=True (the logits are still needed) or a layout we cannot overwrite.
+        if ctx.create_graph or not _can_write_logits(logits) or not _unobserved(logits):
+            # create_graph=True (the logits are still needed), a layout we cannot overwrite, or
+            # memory that something else can observe: a fresh gradient.
             grad = _ops.logprobs_backward(logits, targets, row_max, log_norm, entropy, g_logp, g_ent, ctx.temperature)
             return grad, None, None, None
         _ops.logprobs_backward_(logits, targets, row_max, log_norm, entropy, g_logp, g_ent, ctx.temperature)
         increment_version(logits)
+        _mark_holds_grad(logits)
         return logits, None, None, None
 
 
@@ -292,9 +546,8 @@ def _need_tensor(value, op: str, arg: str) -> Tensor:
 
 
 def _number(value, op: str, arg: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"tsparse.{op}: `{arg}` must be a number, got {type(value).__name__}")
-    return float(value)
+    """A real number (numpy scalars too; not a bool, a string or a tensor), as the other op families."""
+    return _checks.number(value, op, arg)
 
 
 def _check_temperature(temperature, op: str) -> float:
@@ -342,18 +595,14 @@ def _check_logits(op: str, logits, targets, temperature) -> tuple[Tensor, Tensor
     if logits.dim() != 2 or logits.shape[1] < 1:
         raise ValueError(f"tsparse.{op}: `logits` must be 2-D [T, V] with V >= 1, got {tuple(logits.shape)}")
     targets = _check_rows_targets(op, logits, "logits", targets)
+    _check_not_overwritten(logits, op)
     return logits, targets, _check_temperature(temperature, op)
 
 
 def _use_inplace(logits: Tensor, inplace_backward: bool) -> bool:
-    return bool(
-        inplace_backward
-        and logits.requires_grad
-        and torch.is_grad_enabled()
-        and logits.grad_fn is not None  # a leaf's values belong to the user: never overwrite them
-        and _can_write_logits(logits)
-        and not torch.compiler.is_compiling()
-    )
+    if not inplace_backward or torch.compiler.is_compiling():
+        return False  # torch.compile: the out-of-place backward (autograd.Function state is not traced)
+    return bool(logits.requires_grad and torch.is_grad_enabled() and _inplace_candidate(logits))
 
 
 def _logprobs_impl(logits, targets, temperature, with_entropy, inplace_backward):
@@ -389,11 +638,17 @@ def logprobs(
         return_entropy: also compute the entropy (same pass; differentiable).
         inplace_backward: write the logits' gradient into the logits' own storage during
             backward (as flash-attn's cross entropy does) - no [T, V] allocation in backward.
-            Applies when autograd allows it: the logits are not a leaf (their values are the
-            user's), the backward does not build a graph (``create_graph=False``) and their
-            rows are distinct memory with a contiguous last dimension; otherwise a fresh
-            gradient is returned. After such a backward the logits tensor holds the gradient;
-            another autograd node that saved the same logits raises instead of reading it.
+            The write happens only where nothing else can observe that memory, checked when the
+            backward runs: the logits are not a leaf nor a view of one (``leaf[:, :]``,
+            ``Parameter.reshape(...)``); a view only if it spans its whole non-leaf base
+            (``out.squeeze(0)``) and the caller holds no reference to that base; no other tensor
+            shares the storage (a detached alias, another view, an output the producing op
+            saved for its own backward - ``tanh``, ``exp``, ``softmax``); no other autograd node
+            saved the logits; the backward builds no graph (``create_graph=False``); the rows
+            are distinct memory with a contiguous last dimension. Otherwise (and always under
+            ``torch.compile``) a fresh gradient is returned: same values, one [T, V] allocation.
+            After an in-place backward the logits tensor holds its gradient (a later tsparse
+            GRPO op on it raises ``ValueError``, until new values are written into it).
 
     Returns:
         ``(logp, entropy)``: float32 ``[T]`` (float64 for float64 logits); ``entropy`` is
@@ -518,19 +773,43 @@ class _LossPlan:
 
 
 def _check_value_range(values: Tensor, bound: int, op: str, arg: str) -> None:
-    """Values must lie in [0, bound): checked on the host for CPU tensors (IndexError), on the
-    device without a sync for GPU tensors (torch._assert_async)."""
-    if values.numel() == 0:
+    """Values must lie in [0, bound): checked on the host for CPU tensors (IndexError naming the
+    bad value), on the device without a sync for GPU tensors and inside ``torch.compile``
+    (``torch._assert_async``: traceable, so ``fullgraph=True`` compiles on the CPU too)."""
+    if values.numel() == 0 or values.device.type == "meta":
         return
-    if values.device.type == "cpu":
+    if values.device.type == "cpu" and not torch.compiler.is_compiling():
         lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= bound:
             bad = lo if lo < 0 else hi
             raise IndexError(f"tsparse.{op}: `{arg}` holds {bad}, out of range [0, {bound})")
-    else:
-        torch._assert_async(
-            ((values >= 0) & (values < bound)).all(), f"tsparse.{op}: `{arg}` values must lie in [0, {bound})"
+        return
+    _checks.check_on_device(((values >= 0) & (values < bound)).all(), op,
+                            f"`{arg}` values must lie in [0, {bound})", IndexError)
+
+
+def _stream_weights(stream_weights, op: str, device: torch.device, acc: torch.dtype) -> Tensor:
+    if isinstance(stream_weights, Tensor):
+        if stream_weights.dim() != 1 or not stream_weights.dtype.is_floating_point:
+            raise ValueError(f"tsparse.{op}: `stream_weights` must be a 1-D floating tensor or a sequence of numbers")
+        if device.type != "meta":
+            _checks.not_meta(stream_weights, op, "stream_weights", "the logits hold data")
+        return stream_weights.detach().to(device=device, dtype=acc)
+    if isinstance(stream_weights, (str, bytes)) or not hasattr(stream_weights, "__iter__"):
+        raise TypeError(
+            f"tsparse.{op}: `stream_weights` must be a sequence of numbers or a 1-D floating tensor, got "
+            f"{type(stream_weights).__name__}"
         )
+    vals = []
+    for w in stream_weights:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise TypeError(
+                f"tsparse.{op}: `stream_weights` must be a sequence of numbers, got {type(w).__name__} {w!r} in it"
+            )
+        if not math.isfinite(w):
+            raise ValueError(f"tsparse.{op}: `stream_weights` must be finite, got {w!r}")
+        vals.append(float(w))
+    return torch.tensor(vals, dtype=acc).to(device, non_blocking=True)
 
 
 def _plan_loss(
@@ -556,6 +835,7 @@ def _plan_loss(
     seq_ids,
     is_weights,
     return_entropy,
+    loss_scale_factor=None,
 ) -> _LossPlan:
     old_logp = _check_per_token(old_logp, t, device, op, "old_logp").detach().to(acc)
     advantages = _check_per_token(advantages, t, device, op, "advantages").detach().to(acc)
@@ -584,6 +864,23 @@ def _plan_loss(
         raise ValueError(f"tsparse.{op}: `ref_logp` is required when kl_coef != 0 (got kl_coef={kl_coef})")
     if loss_agg not in LOSS_AGG_MODES:
         raise ValueError(f"tsparse.{op}: `loss_agg` must be one of {list(LOSS_AGG_MODES)}, got {loss_agg!r}")
+    if loss_agg == "seq-mean-token-sum-norm":
+        if loss_scale_factor is None:
+            raise ValueError(
+                f"tsparse.{op}: loss_agg='seq-mean-token-sum-norm' needs `loss_scale_factor` (verl's default is the "
+                "padded response length, which a flat [T] batch does not have)"
+            )
+        loss_scale_factor = _number(loss_scale_factor, op, "loss_scale_factor")
+        if not (math.isfinite(loss_scale_factor) and loss_scale_factor > 0):
+            raise ValueError(f"tsparse.{op}: `loss_scale_factor` must be a finite number > 0, got {loss_scale_factor!r}")
+    elif loss_scale_factor is not None:
+        raise ValueError(
+            f"tsparse.{op}: `loss_scale_factor` applies only to loss_agg='seq-mean-token-sum-norm' (got "
+            f"loss_agg={loss_agg!r})"
+        )
+    if num_streams is not None and (isinstance(num_streams, bool) or not isinstance(num_streams, int)
+                                    or not 1 <= num_streams <= MAX_STREAMS):
+        raise ValueError(f"tsparse.{op}: `num_streams` must be an int in [1, {MAX_STREAMS}], got {num_streams!r}")
     seq_mode = loss_agg.startswith("seq-mean")
     if seq_mode:
         if seq_ids is None:
@@ -594,18 +891,11 @@ def _plan_loss(
     # Streams.
     weights_t = None
     if stream_weights is not None:
-        if isinstance(stream_weights, Tensor):
-            if stream_weights.dim() != 1 or not stream_weights.dtype.is_floating_point:
-                raise ValueError(f"tsparse.{op}: `stream_weights` must be a 1-D floating tensor or a sequence of numbers")
-            weights_t = stream_weights.detach().to(device=device, dtype=acc)
-        else:
-            try:
-                vals = [float(w) for w in stream_weights]
-            except TypeError as exc:
-                raise TypeError(f"tsparse.{op}: `stream_weights` must be a sequence of numbers or a tensor") from exc
-            weights_t = torch.tensor(vals, dtype=acc).to(device, non_blocking=True)
-        if weights_t.shape[0] < 1:
-            raise ValueError(f"tsparse.{op}: `stream_weights` must not be empty")
+        weights_t = _stream_weights(stream_weights, op, device, acc)
+        if not 1 <= weights_t.shape[0] <= MAX_STREAMS:
+            raise ValueError(
+                f"tsparse.{op}: `stream_weights` must have 1 to {MAX_STREAMS} entries, got {weights_t.shape[0]}"
+            )
     if stream is None:
         s = 1
         if weights_t is not None and weights_t.shape[0] != 1:
@@ -620,14 +910,18 @@ def _plan_loss(
             if num_streams is not None and num_streams != s:
                 raise ValueError(f"tsparse.{op}: `num_streams`={num_streams} but `stream_weights` has {s} entries")
         elif num_streams is not None:
-            if not isinstance(num_streams, int) or num_streams < 1:
-                raise ValueError(f"tsparse.{op}: `num_streams` must be a positive int, got {num_streams!r}")
             s = num_streams
         else:
             # Read on the host: one device->host copy when `stream` lives on a GPU.
+            _checks.not_meta(sid, op, "stream", "the number of streams is read from it on the host; pass "
+                             "`num_streams` or `stream_weights`")
             s = int(sid.max()) + 1 if sid.numel() else 1
             if s < 1:
                 raise IndexError(f"tsparse.{op}: `stream` holds negative values")
+            if s > MAX_STREAMS:
+                raise IndexError(
+                    f"tsparse.{op}: `stream` holds {s - 1}: at most {MAX_STREAMS} streams (ids 0..S-1) are supported"
+                )
         _check_value_range(sid, s, op, "stream")
     if weights_t is None:
         weights_t = torch.ones(s, dtype=acc, device=device)
@@ -661,6 +955,8 @@ def _plan_loss(
         norm = per_token(safe_inv(nseq))
         if loss_agg == "seq-mean-token-mean":
             norm = norm / (counts.index_select(0, key).to(acc) + 1e-8)  # verl: / (count + 1e-8)
+        elif loss_agg == "seq-mean-token-sum-norm":
+            norm = norm / loss_scale_factor  # verl: seq-mean-token-sum / loss_scale_factor
     tok_w = mask_w * norm
     loss_w = tok_w * per_token(weights_t)
     return _LossPlan(
@@ -722,6 +1018,7 @@ _LOSS_DOC_ARGS = """
         temperature: logits are divided by it (finite, > 0).
         clip_low, clip_high: the ratio is clipped to ``[1 - clip_low, 1 + clip_high]``.
         clip_ratio_c: dual-clip constant (> 1): for A < 0 the loss is at most ``-A * clip_ratio_c``.
+            A value <= 1 raises ``ValueError`` (verl 0.9.1 asserts it: ``AssertionError``).
         ref_logp: ``[T]`` reference-policy log-probs for the KL penalty (optional).
         kl_type: ``k1``/``kl``, ``abs``, ``k2``/``mse``, ``k3``/``low_var_kl`` (with verl's clamps),
             each optionally with ``+`` (value of the estimator, gradient of k2).
@@ -729,14 +1026,20 @@ _LOSS_DOC_ARGS = """
         entropy_coef: weight of the entropy bonus (``- entropy_coef * entropy``).
         stream: int ``[T]`` stream of each token (e.g. 0 = localization, 1 = sparse reasoning);
             ``None``: one stream (verl's loss).
-        stream_weights: ``w_s`` per stream (sequence or 1-D tensor; default all 1). Treated as
-            constants.
-        num_streams: number of streams when ``stream_weights`` is not given; if neither is given
-            it is read from ``stream.max()`` on the host (a device sync on a GPU).
-        loss_agg: ``token-mean``, ``token-sum``, ``seq-mean-token-sum``, ``seq-mean-token-mean``
-            (verl's ``agg_loss`` modes), applied to each stream over ITS OWN masked tokens.
+        stream_weights: ``w_s`` per stream (a sequence of finite numbers or a 1-D floating tensor;
+            default all 1). Treated as constants.
+        num_streams: number of streams (at most 64) when ``stream_weights`` is not given; if
+            neither is given it is read from ``stream.max()`` on the host (a device sync on a GPU,
+            and a graph break under ``torch.compile``: give one of them for ``fullgraph=True``).
+        loss_agg: ``token-mean``, ``token-sum``, ``seq-mean-token-sum``,
+            ``seq-mean-token-sum-norm``, ``seq-mean-token-mean`` (verl's ``agg_loss`` modes),
+            applied to each stream over ITS OWN masked tokens.
         seq_ids: int ``[T]`` sequence of each token, values in ``[0, T)``; required by the
             ``seq-mean-*`` modes.
+        loss_scale_factor: ``seq-mean-token-sum-norm`` divides the ``seq-mean-token-sum`` loss by
+            it (finite, > 0; required by that mode, refused by the others). verl's default is the
+            padded response length (``loss_mask.shape[-1]``), which a flat ``[T]`` batch does not
+            have: pass it (e.g. the rollout's maximum response length).
         is_weights: ``[T]`` rollout importance weights multiplying the policy loss (optional).
         return_entropy: compute the entropy (for metrics) even when ``entropy_coef == 0``."""
 
@@ -745,6 +1048,77 @@ def _with_loss_args(fn):
     """Shares the loss arguments' documentation between the two loss ops."""
     fn.__doc__ = fn.__doc__.replace("@LOSS_ARGS@", _LOSS_DOC_ARGS)
     return fn
+
+
+#: ``impl`` values of :func:`grpo_loss`
+GRPO_LOSS_IMPLS = ("two_pass", "single_read")
+
+
+def _fused_args(plan: _LossPlan, targets: Tensor, token_weight: Tensor, temperature: float):
+    use_kl = plan.ref_logp is not None and plan.kl_coef != 0
+    return (
+        targets, plan.old_logp, plan.advantages, plan.ref_logp, plan.is_weights, token_weight, temperature,
+        plan.clip_low, plan.clip_high, plan.clip_ratio_c, plan.kl_type, CLAMP_EDGES,
+        plan.kl_coef if use_kl else 0.0, plan.entropy_coef, plan.want_entropy,
+    )
+
+
+class _SingleReadGRPO(torch.autograd.Function):
+    """grpo_loss(impl="single_read"): the forward computes the loss AND d loss / d logits (the
+    per-token coefficients do not depend on the logits beyond each row's own statistics), into a
+    separate buffer or, with ``inplace``, into the logits' own storage; the backward only scales
+    it by the upstream gradient (``scale_rows_``: skipped on the device when it is 1)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, inplace, plan, token_weight):
+        args = _fused_args(plan, targets, token_weight, temperature)
+        ctx.inplace = inplace
+        if inplace:
+            logp, entropy, pg, kl, ratio, flags = _ops.grpo_loss_fused_(logits, *args, True)
+            increment_version(logits)  # the logits now hold their gradient
+            _mark_holds_grad(logits)
+            grad = logits
+        else:
+            logp, entropy, pg, kl, ratio, flags, grad = _ops.grpo_loss_fused(logits, *args, True, True)
+        ctx.grad = grad
+        ctx.save_for_backward(logits)  # an anchor for create_graph (_differentiable_once)
+        ent = entropy if plan.want_entropy else None
+        loss = (plan.loss_w * _per_token_loss(plan, pg, kl, ent)).sum()
+        ctx.mark_non_differentiable(logp, entropy, pg, kl, ratio, flags)
+        return loss, logp, entropy, pg, kl, ratio, flags
+
+    @staticmethod
+    @_differentiable_once
+    def backward(ctx, g_loss, *_unused):
+        if ctx.grad is None:
+            raise RuntimeError(
+                "tsparse.grpo_loss(impl='single_read'): backward ran twice; the gradient is computed in "
+                "forward and handed over once (call the op again for a second backward)"
+            )
+        grad, ctx.grad = ctx.grad, None
+        ctx.anchors = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        _ops.scale_rows_(grad, g_loss.detach().reshape(1))
+        if ctx.inplace:
+            _mark_holds_grad(grad)  # scale_rows_ bumped the version
+        return grad, None, None, None, None, None
+
+
+def _grpo_loss_single_read(logits, targets, temperature, plan: _LossPlan, inplace_backward: bool):
+    """(loss, logp, entropy, pg, kl, ratio, flags) of the single-read path."""
+    token_weight = torch.where(plan.valid, plan.loss_w, torch.zeros_like(plan.loss_w))
+    if logits.requires_grad and torch.is_grad_enabled():
+        # The gradient is written in THIS forward: the alias rule is checked now (a separate
+        # gradient buffer when anything else can observe the logits' memory).
+        inplace = _use_inplace(logits, inplace_backward) and _unobserved_in_forward(logits)
+        return _SingleReadGRPO.apply(logits, targets, temperature, inplace, plan, token_weight)
+    logp, entropy, pg, kl, ratio, flags, _ = _ops.grpo_loss_fused(
+        logits, *_fused_args(plan, targets, token_weight, temperature), False, True
+    )
+    ent = entropy if plan.want_entropy else None
+    loss = (plan.loss_w * _per_token_loss(plan, pg, kl, ent)).sum()
+    return loss, logp, entropy, pg, kl, ratio, flags
 
 
 @annotate("grpo_loss")
@@ -770,9 +1144,11 @@ def grpo_loss(
     num_streams: Optional[int] = None,
     loss_agg: str = "token-mean",
     seq_ids: Optional[Tensor] = None,
+    loss_scale_factor: Optional[float] = None,
     is_weights: Optional[Tensor] = None,
     return_entropy: bool = False,
     inplace_backward: bool = False,
+    impl: str = "two_pass",
 ) -> GRPOLoss:
     """GRPO loss from logits, exactly verl 0.9.1's per-token math, aggregated per stream.
 
@@ -786,7 +1162,37 @@ def grpo_loss(
 
     Args:
         logits, targets: as :func:`logprobs` (``[T, V]`` and ``[T]``).@LOSS_ARGS@
-        inplace_backward: as :func:`logprobs`: the logits' gradient is written into the logits.
+        inplace_backward: as :func:`logprobs`: the logits' gradient is written into the logits
+            when nothing else can observe them (out of place under ``torch.compile``). With
+            ``impl="single_read"`` the write happens already DURING THE FORWARD, under the same
+            rule checked at that moment (not a leaf nor a view of one, no other view, base,
+            detached alias or saved output on the memory, no other autograd node holding the
+            logits, no saved-tensor hooks active); otherwise the gradient goes to a separate
+            buffer, with the same values. Once the op returns the logits hold d loss / d logits
+            (for an upstream gradient of 1; backward scales them in place): anything that
+            reads the logits afterwards - an entropy or metric computed from them, another
+            op, a node that saves them later - reads the gradient. Compute those before the
+            call, or leave ``inplace_backward`` off. A tsparse GRPO op given such logits
+            raises ``ValueError`` (until the caller writes new values into them).
+        impl: ``"two_pass"`` (default) or ``"single_read"``. ``two_pass``: the forward reads the
+            logits once, the backward reads them again and writes the gradient (6 B per bf16
+            logit). ``single_read`` (experimental until measured on a GPU): the forward also
+            computes d loss / d logits - on CUDA one thread-block cluster per row keeps the row
+            in shared memory and writes the gradient in the same pass (4 B per bf16 logit); the
+            backward only multiplies it by the upstream gradient, skipped on the device when
+            that is 1 (no host sync). The gradient goes to a separate buffer allocated in the
+            forward (one logits-sized tensor, held until backward) or, with
+            ``inplace_backward``, into the logits. Rows the cluster cannot hold (float64 logits,
+            rows over 8 x 200 KB, e.g. V > 819,200 bf16) and the CPU run the two-pass math in
+            the same op, with results equal to ``two_pass``'s. Only ``loss`` is differentiable
+            here: ``logp`` / ``entropy`` / ``kl`` are detached (they are differentiable with
+            ``two_pass``). The gradient is rounded to the logits' dtype at upstream gradient 1
+            and scaled afterwards: bf16 / fp32 see one extra rounding when the upstream is not 1
+            (a power of two is exact), but float16 gradients below its smallest subnormal
+            (6e-8: most of a softmax gradient at token-mean over many tokens) would be lost
+            before a loss scaler (``torch.amp.GradScaler``) multiplies them, so float16 logits
+            that need a gradient run ``two_pass`` (which folds the upstream gradient in before
+            rounding).
 
     Returns:
         :class:`GRPOLoss` (loss, per-token logp / ratio / entropy / kl, per-stream metrics).
@@ -798,8 +1204,18 @@ def grpo_loss(
     ``stream_weights`` are constants (detached). A stream (or the whole batch) with no masked
     token contributes 0 to the loss and reports 0 metrics (verl would divide 0 by 0). No host
     sync unless ``num_streams`` must be read from ``stream``.
+
+    Where the result differs from verl's: a masked token (``mask == 0``) contributes exactly 0,
+    to the loss and to the gradient, even when its inputs are not finite. With a NaN / inf
+    advantage (or old log-prob, IS weight) on a masked token, verl 0.9.1's autograd multiplies
+    the zero upstream gradient of ``masked_sum`` by the token's NaN local derivative: that
+    token's log-prob gradient is NaN (and through the LM head every parameter's), and the
+    ``seq-mean-*`` modes, which multiply by the mask instead of masking, also give a NaN loss.
+    Here both stay finite (tested against verl itself).
     """
     op = "grpo_loss"
+    if impl not in GRPO_LOSS_IMPLS:
+        raise ValueError(f"tsparse.{op}: `impl` must be one of {list(GRPO_LOSS_IMPLS)}, got {impl!r}")
     logits, targets, temperature = _check_logits(op, logits, targets, temperature)
     t = logits.shape[0]
     plan = _plan_loss(
@@ -807,8 +1223,17 @@ def grpo_loss(
         clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, ref_logp=ref_logp, kl_type=kl_type,
         kl_coef=kl_coef, entropy_coef=entropy_coef, stream=stream, stream_weights=stream_weights,
         num_streams=num_streams, loss_agg=loss_agg, seq_ids=seq_ids, is_weights=is_weights,
-        return_entropy=return_entropy,
+        return_entropy=return_entropy, loss_scale_factor=loss_scale_factor,
     )
+    # float16 gradients computed at upstream 1 underflow before a loss scaler could lift them:
+    # two_pass applies the upstream gradient before rounding (see `impl` above).
+    fp16_grad = logits.dtype == torch.float16 and logits.requires_grad and torch.is_grad_enabled()
+    if impl == "single_read" and not fp16_grad:
+        loss, logp, entropy, pg, kl, ratio, flags = _grpo_loss_single_read(logits, targets, temperature, plan,
+                                                                           inplace_backward)
+        entropy = entropy if plan.want_entropy else None
+        metrics = _stream_metrics(plan, logp, pg, kl, entropy, flags)
+        return GRPOLoss(loss, logp, ratio, entropy, kl if plan.ref_logp is not None else None, metrics)
     logp, _, _, entropy = _logprobs_impl(logits, targets, temperature, plan.want_entropy, inplace_backward)
     if not plan.want_entropy:
         entropy = None
@@ -820,6 +1245,17 @@ def grpo_loss(
 
 # --------------------------------------------------------------------------------------
 # Fused linear path: logits = hidden @ weight.T in chunks of tokens, never [T, V] at once.
+def _check_accum_dtype(accum_dtype, op: str) -> Optional[torch.dtype]:
+    if accum_dtype is None:
+        return None
+    if not isinstance(accum_dtype, torch.dtype) or not accum_dtype.is_floating_point:
+        raise TypeError(
+            f"tsparse.{op}: `accum_dtype` must be None or a floating torch.dtype (e.g. torch.float32), got "
+            f"{accum_dtype!r}"
+        )
+    return accum_dtype
+
+
 def _check_linear(op: str, hidden, weight, targets, temperature, chunk_size):
     hidden = _need_tensor(hidden, op, "hidden")
     weight = _need_tensor(weight, op, "weight")
@@ -935,7 +1371,8 @@ def fused_linear_logprobs(
             fit in 512 MiB, e.g. 1024 for V = 152,064 bf16).
         accum_dtype: dtype of the weight-gradient accumulator (default: the weight's dtype, one
             cuBLAS ``addmm`` with beta = 1 per chunk; ``torch.float32`` accumulates bf16 / fp16
-            chunks in fp32 at the cost of a [V, H] fp32 buffer and fp32 matmuls).
+            chunks in fp32 at the cost of a [V, H] fp32 buffer and fp32 matmuls). A floating
+            ``torch.dtype`` or None; anything else raises ``TypeError``.
 
     Memory: one [chunk, V] logits buffer at a time, plus O(T) statistics: never [T, V]. The
     backward recomputes each chunk's logits (one extra matmul per chunk), overwrites them with
@@ -945,6 +1382,7 @@ def fused_linear_logprobs(
     """
     op = "fused_linear_logprobs"
     hidden, weight, targets, temperature, chunk = _check_linear(op, hidden, weight, targets, temperature, chunk_size)
+    accum_dtype = _check_accum_dtype(accum_dtype, op)
     logp, entropy = _FusedLinearLogprobs.apply(hidden, weight, targets, temperature, bool(return_entropy), chunk, accum_dtype)
     return logp, (entropy if return_entropy else None)
 
@@ -1013,10 +1451,13 @@ class _FusedLinearGRPO(torch.autograd.Function):
         grad_h, grad_w = ctx.grads
         ctx.grads = None
         ctx.anchors = ctx.saved_tensors
+        # The upstream scalar stays in the loss's dtype (fp32 / fp64): rounded to bf16 it was off
+        # by up to 2^-9 (1/3 -> 0.33398), and a loss scaler's 65536 overflowed float16 to inf.
+        g = g_loss.detach()
         if grad_h is not None:
-            grad_h.mul_(g_loss.to(grad_h.dtype))
+            grad_h.mul_(g)
         if grad_w is not None:
-            grad_w.mul_(g_loss.to(grad_w.dtype))
+            grad_w.mul_(g)
         return grad_h, grad_w, None, None, None, None, None
 
 
@@ -1044,6 +1485,7 @@ def fused_linear_grpo_loss(
     num_streams: Optional[int] = None,
     loss_agg: str = "token-mean",
     seq_ids: Optional[Tensor] = None,
+    loss_scale_factor: Optional[float] = None,
     is_weights: Optional[Tensor] = None,
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
@@ -1066,12 +1508,13 @@ def fused_linear_grpo_loss(
     """
     op = "fused_linear_grpo_loss"
     hidden, weight, targets, temperature, chunk = _check_linear(op, hidden, weight, targets, temperature, chunk_size)
+    accum_dtype = _check_accum_dtype(accum_dtype, op)
     plan = _plan_loss(
         op, hidden.shape[0], hidden.device, _acc_dtype(hidden.dtype), old_logp, advantages, mask,
         clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, ref_logp=ref_logp, kl_type=kl_type,
         kl_coef=kl_coef, entropy_coef=entropy_coef, stream=stream, stream_weights=stream_weights,
         num_streams=num_streams, loss_agg=loss_agg, seq_ids=seq_ids, is_weights=is_weights,
-        return_entropy=return_entropy,
+        return_entropy=return_entropy, loss_scale_factor=loss_scale_factor,
     )
     loss, logp, ratio, kl, pg, flags, entropy = _FusedLinearGRPO.apply(
         hidden, weight, targets, temperature, chunk, accum_dtype, plan

@@ -8,10 +8,14 @@ import argparse
 import json
 import sys
 
+from .._cli import ArgumentParser, run
+
+PROG = "python -m tsparse.train"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m tsparse.train",
+    p = ArgumentParser(
+        prog=PROG,
         description="Dual-stream token-sparse GRPO trainer: stage 0 format warm-up, stage 1 localization, "
                     "stage 2 sparse reasoning (token selection + fusion).",
         epilog="Overrides are dotted keys parsed as YAML, e.g. stages.localization.steps=3 device=cpu "
@@ -30,8 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from .config import ConfigError, load_train_config
+    """Runs the trainer. A user's mistake (bad flag, config key or value, data file, checkpoint)
+    prints one line on stderr naming it and returns 2 (``--debug`` / ``TSPARSE_DEBUG=1``: the
+    traceback); warnings (e.g. boxes dropped from the data) print one line each."""
+    return run(_main, argv, PROG)
+
+
+def _main(argv=None) -> int:
+    args = build_parser().parse_intermixed_args(argv)  # key=value overrides may sit between flags
+    from .config import load_train_config
     from .metrics import format_summary
 
     overrides = list(args.overrides)
@@ -39,14 +50,10 @@ def main(argv=None) -> int:
         overrides.append(f"model.path={json.dumps(args.model)}")  # a JSON string is YAML
     if args.output_dir is not None:
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")
-    try:
-        cfg = load_train_config(args.config, overrides)
-        from .trainer import Trainer
+    cfg = load_train_config(args.config, overrides)
+    from .trainer import Trainer
 
-        trainer = Trainer(cfg, resume=args.resume_from or args.resume or None)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"python -m tsparse.train: error: {e}", file=sys.stderr)
-        return 2
+    trainer = Trainer(cfg, resume=args.resume_from or args.resume or None)
     summary = trainer.run()
     print()
     print(format_summary(summary))

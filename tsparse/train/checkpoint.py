@@ -6,18 +6,29 @@ Layout under ``<output_dir>/checkpoints/``::
     <stage>-final/               # at the end of each stage (stage 2 starts from stage 1's)
         model/                   # save_pretrained: loadable with --model (Qwen2.5-VL + processor)
         trainer_state.pt         # progress, optimizer, RNG states, evaluations so far
+        checkpoint.json          # the run it belongs to, its global step, every file's size
     latest                       # the name of the newest checkpoint
 
 A checkpoint is written to a temporary folder and renamed into place, so an interrupted save
-never leaves a half checkpoint behind ``latest``.
+never leaves a half checkpoint behind ``latest``. A checkpoint damaged afterwards (a truncated
+``trainer_state.pt`` or ``model.safetensors``, a copy that stopped half-way) or a ``latest``
+naming a folder that is gone is detected by :func:`checkpoint_problem` (sizes against
+``checkpoint.json``, the zip directory of ``trainer_state.pt``, the safetensors headers), and
+``--resume`` (:func:`load_latest`) falls back to the newest complete checkpoint with a
+:class:`CheckpointWarning` naming what it skipped and why.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import struct
+import time
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -29,12 +40,16 @@ __all__ = [
     "save_checkpoint",
     "load_trainer_state",
     "find_latest",
+    "load_latest",
+    "checkpoint_problem",
+    "CheckpointWarning",
     "rng_state",
     "set_rng_state",
     "prune_checkpoints",
 ]
 
 STATE_FILE = "trainer_state.pt"
+MANIFEST_FILE = "checkpoint.json"
 _STEP_DIR = re.compile(r"^(?P<stage>[a-z]+)-step(?P<step>\d+)$")
 
 
@@ -97,6 +112,10 @@ def save_checkpoint(
     payload = {"state": state, "rng": rng_state(),
                "optimizer": optimizer.state_dict() if optimizer is not None else None}
     torch.save(payload, tmp / STATE_FILE)
+    files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    manifest = {"name": name, "run": state.get("run"), "global_step": state.get("global_step"),
+                "stage": state.get("stage"), "step": state.get("step"), "saved": time.time(), "files": files}
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -106,24 +125,164 @@ def save_checkpoint(
     return final
 
 
+class CheckpointWarning(UserWarning):
+    """A checkpoint skipped by ``--resume`` (damaged, incomplete, or ``latest`` names a missing folder)."""
+
+
+def _safetensors_problem(f: Path) -> Optional[str]:
+    """Why a ``.safetensors`` file is not whole (its header and the data it describes against the
+    file size), or ``None``."""
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{f.name} is truncated ({size} bytes)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"{f.name} is truncated (its header alone needs {n + 8} bytes, the file has {size})"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as e:
+        return f"{f.name} has an unreadable header ({type(e).__name__})"
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        return f"{f.name} is truncated ({size} bytes, its header describes {8 + n + end})"
+    return None
+
+
+def checkpoint_problem(path: Union[str, os.PathLike]) -> Optional[str]:
+    """Why the folder is not a complete, readable checkpoint (one short phrase naming the file),
+    or ``None``. Reads headers and sizes only, never the tensors: every file against the sizes
+    ``checkpoint.json`` recorded at save time, ``trainer_state.pt``'s zip directory (at its end,
+    so a truncated file has none), every ``model/*.safetensors`` header against the file size."""
+    path = Path(path)
+    if not path.is_dir():
+        return "the folder does not exist"
+    state = path / STATE_FILE
+    if not state.is_file():
+        return f"no {STATE_FILE}"
+    if not (path / "model").is_dir():
+        return "no model/ folder"
+    man = path / MANIFEST_FILE
+    if man.is_file():
+        try:
+            files = json.loads(man.read_text(encoding="utf-8"))["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{MANIFEST_FILE} is damaged"
+        for rel, size in files.items():
+            f = path / rel
+            if not f.is_file():
+                return f"{rel} is missing"
+            if f.stat().st_size != size:
+                return f"{rel} has {f.stat().st_size} bytes, {size} were written"
+    try:
+        with zipfile.ZipFile(state) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return f"{STATE_FILE} is truncated or damaged (no zip directory)"
+    for f in sorted((path / "model").glob("*.safetensors")):
+        problem = _safetensors_problem(f)
+        if problem:
+            return f"model/{problem}"
+    if not (path / "model" / "config.json").is_file():
+        return "no model/config.json"
+    return None
+
+
 def load_trainer_state(path: Union[str, os.PathLike]) -> dict:
     """The ``trainer_state.pt`` of a checkpoint folder: ``{"state", "rng", "optimizer"}``.
-    ``FileNotFoundError`` naming the folder when it is not a checkpoint."""
+    ``FileNotFoundError`` naming the folder when it is not a checkpoint, ``ValueError`` naming
+    the damaged file when it is incomplete (:func:`checkpoint_problem`)."""
     path = Path(path)
     f = path / STATE_FILE
     if not f.is_file() or not (path / "model").is_dir():
         raise FileNotFoundError(f"{str(path)!r} is not a tsparse.train checkpoint (no {STATE_FILE} and model/)")
-    return torch.load(f, map_location="cpu", weights_only=False)
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ValueError(f"checkpoint {str(path)!r} is incomplete: {problem}")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise ValueError(f"checkpoint {str(path)!r}: {STATE_FILE} cannot be read ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+
+
+_ORDER = ("warmup", "localization", "sparse")
+
+
+def _recency(d: Path) -> tuple:
+    """Sort key, newest last: the run's start time and the global step from ``checkpoint.json``
+    (checkpoints without one - written before it existed - come first), then the stage, the
+    step, final after the steps."""
+    run, gstep = "", -1
+    try:
+        man = json.loads((d / MANIFEST_FILE).read_text(encoding="utf-8"))
+        run, gstep = str(man.get("run") or ""), int(man.get("global_step") or 0)
+    except (OSError, ValueError, TypeError):
+        pass
+    m = _STEP_DIR.match(d.name)
+    stage = m["stage"] if m else d.name.rsplit("-", 1)[0]
+    step = int(m["step"]) if m else 1 << 62
+    return (run, gstep, _ORDER.index(stage) if stage in _ORDER else -1, step)
+
+
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+            and (_STEP_DIR.match(d.name) or d.name.endswith("-final"))]
 
 
 def find_latest(output_dir: Union[str, os.PathLike]) -> Optional[Path]:
-    """The checkpoint ``latest`` points at under ``<output_dir>/checkpoints``, or ``None``."""
-    root = Path(output_dir) / "checkpoints"
+    """The checkpoint ``latest`` points at under ``<output_dir>/checkpoints`` when it is
+    complete, else the newest complete one (see :func:`load_latest`), or ``None``. Silent: use
+    :func:`load_latest` to resume (it warns about what it skipped)."""
+    found = _latest_candidates(Path(output_dir) / "checkpoints")
+    return next((d for d, problem in found if problem is None), None)
+
+
+def _latest_candidates(root: Path) -> list[tuple[Path, Optional[str]]]:
+    """``(folder, problem or None)``: what ``latest`` names first, then every other checkpoint
+    folder newest first."""
     latest = root / "latest"
-    if not latest.is_file():
-        return None
-    cand = root / latest.read_text(encoding="utf-8").strip()
-    return cand if (cand / STATE_FILE).is_file() else None
+    first = None
+    out: list = []
+    if latest.is_file():
+        name = latest.read_text(encoding="utf-8").strip()
+        first = root / name
+        if not first.is_dir():
+            out.append((first, f"`latest` names {name!r}, which does not exist"))
+            first = None
+    rest = sorted((d for d in _checkpoint_dirs(root) if d != first), key=_recency, reverse=True)
+    for d in ([first] if first is not None else []) + rest:
+        out.append((d, checkpoint_problem(d)))
+    return out
+
+
+def load_latest(output_dir: Union[str, os.PathLike]) -> Optional[tuple[Path, dict]]:
+    """``(checkpoint folder, trainer state)`` to resume ``output_dir`` from: the checkpoint
+    ``latest`` names, or - when it is missing, incomplete or unreadable - the newest complete
+    one (by the run and global step recorded in ``checkpoint.json``), with a
+    :class:`CheckpointWarning` naming each checkpoint skipped and why. ``None`` when there is
+    no usable checkpoint (the warning then lists what was tried)."""
+    root = Path(output_dir) / "checkpoints"
+    skipped = []
+    for d, problem in _latest_candidates(root):
+        if problem is None:
+            try:
+                payload = load_trainer_state(d)
+            except (ValueError, OSError) as e:
+                problem = str(e)
+            else:
+                if skipped:
+                    warnings.warn(CheckpointWarning(
+                        f"--resume: skipped {'; '.join(skipped)}; resuming from {d.name}"), stacklevel=2)
+                return d, payload
+        skipped.append(f"{d.name} ({problem})" if not problem.startswith("`latest`") else problem)
+    if skipped:
+        warnings.warn(CheckpointWarning(f"--resume: no complete checkpoint under {root}: {'; '.join(skipped)}"),
+                      stacklevel=2)
+    return None
 
 
 def prune_checkpoints(root: Union[str, os.PathLike], stage: str, keep_last: int) -> list[Path]:

@@ -157,6 +157,9 @@ class Trainer:
         self.log = log
         self.method = config.method_config_obj()
         self.out = Path(config.output_dir)
+        for d in (self.out, *self.out.parents):
+            if d.exists() and not d.is_dir():
+                raise ConfigError(f"`output_dir` {str(self.out)!r}: {str(d)!r} is a file, not a folder")
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = self.out / "checkpoints"
         self.device = pick_device(config.device)
@@ -167,11 +170,14 @@ class Trainer:
 
         self.resume_from: Optional[Path] = None
         payload = None
-        if resume:
-            self.resume_from = ckpt.find_latest(self.out) if resume is True else Path(resume)
-            if self.resume_from is None:
-                raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_root} (no `latest`)")
-            payload = ckpt.load_trainer_state(self.resume_from)
+        if resume is True:
+            found = ckpt.load_latest(self.out)  # falls back past damaged checkpoints, with a warning
+            if found is None:
+                raise FileNotFoundError(f"--resume: no checkpoint to resume from under {self.ckpt_root}")
+            self.resume_from, payload = found
+        elif resume:
+            self.resume_from = Path(resume)
+            payload = ckpt.load_trainer_state(self.resume_from)  # the one asked for: an error if damaged
 
         # Data first: a bad data path fails before a large model is loaded.
         self.train_samples, self.val_samples = self._load_data()
@@ -179,6 +185,8 @@ class Trainer:
         if model_path is None:
             raise ConfigError("`model.path` is not set: pass --model PATH (a local Qwen2.5-VL-family checkpoint) "
                               "or model.path=tiny")
+        if model_path != "tiny" and not Path(model_path).is_dir():
+            raise ConfigError(f"`model.path` (--model): {model_path!r} is neither 'tiny' nor a checkpoint folder")
         self.model_path = model_path
         # The tiny random model's weights follow the run's seed (a second seed varies everything).
         self.model, self.processor = load_model_and_processor(
@@ -199,6 +207,9 @@ class Trainer:
         self.state = dict(payload["state"]) if payload else {
             "stage": None, "step": 0, "stage_done": False, "completed": [], "global_step": 0, "opt_steps": 0,
             "evals": []}
+        # Names the run in each checkpoint.json: --resume falls back to the newest checkpoint OF
+        # THE NEWEST RUN, not to one an earlier run left in the same folder (resumed runs keep it).
+        self.state.setdefault("run", time.strftime("%Y%m%dT%H%M%S") + f".{time.time_ns() % 10**9:09d}")
         self._optimizer_state = payload["optimizer"] if payload else None
         if payload:
             ckpt.set_rng_state(payload["rng"])

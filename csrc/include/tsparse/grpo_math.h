@@ -2,22 +2,29 @@
 //
 // No torch headers here: this file is included by .cu translation units.
 //
-// 1. Online log-sum-exp WITH entropy (one read of a logits row). For z = logits / temperature,
+// 1. Online log-sum-exp WITH entropy (one read of a logits row), in BASE-2 units. With
+//        c = log2(e) / temperature   (rounded once to the accumulator type by the host: row_scale)
+//        y_j = x_j * c               (z_j = x_j / temperature = y_j * ln 2)
 //    a row's state is (m, a, b) with
-//        m = max_j z_j,   a = sum_j exp(z_j - m),   b = sum_j exp(z_j - m) * (z_j - m)
-//    States combine associatively (merge), so any split of a row over threads, warps or CTAs
-//    reduces to the same result up to rounding. Finally
-//        log_norm = log(a)          (lse = m + log_norm)
-//        entropy  = log(a) - b / a  (= lse - sum_j p_j z_j)
-//        logp_t   = (z_t - m) - log_norm
-//    The row maximum and log_norm are kept apart (not summed into one lse) so the backward
-//    recomputes p_j = exp((z_j - m) - log_norm) without the cancellation an fp32 lse would
-//    suffer for logits of magnitude ~1e4 (ulp(1e4) ~ 1e-3).
+//        m = max_j y_j,   a = sum_j 2^(y_j - m),   b = sum_j 2^(y_j - m) * (y_j - m)
+//    States combine associatively (merge), so any split of a row over threads, warps, CTAs or
+//    a CTA cluster reduces to the same result up to rounding. Finally (RowStats)
+//        row_max  = m,  log_norm = log2(a)                 (base-2 lse = m + log_norm)
+//        entropy  = ln2 * (log2(a) - b / a)                (nats)
+//        logp_t   = ln2 * ((x_t c - m) - log_norm)         (nats)
+//    Why base 2: every element costs one FFMA (x * c - m), one exp2 (MUFU.EX2 on the GPU: no
+//    multiplication by log2(e) per element) and two accumulations. The offsets x_j c - m are
+//    formed with the same arithmetic in the forward and in the backward (offset2), so the
+//    rounding of m (|m| 2^-24, ~1e-3 for logits of 1e4) cancels between them; m and log_norm
+//    are kept apart (not summed into one lse) for the same reason.
 //
-// 2. Backward of one logits element (one pass, nothing [T, V]-sized saved):
-//        dz_j = g_logp * ([j == t] - p_j) + g_ent * dH/dz_j,   dH/dz_j = -p_j (z_j - sum_k p_k z_k)
-//        dlogits_j = dz_j / temperature
-//    with z_j - sum_k p_k z_k = (z_j - m) - mu and mu = b / a = log_norm - entropy.
+// 2. Backward of one logits element (one pass, nothing [T, V]-sized saved). With
+//        u_j = (x_j c - m) - log_norm = log2 p_j,   p_j = 2^u_j,   H = entropy (nats):
+//        dz_j      = g_logp ([j == t] - p_j) - g_ent p_j (ln2 u_j + H)       (dH/dz_j = -p_j (ln p_j + H))
+//        dlogits_j = dz_j / T = [j == t] G - p_j (A0 + A1 u_j)
+//    with the per-row constants (RowGrad) G = g_logp / T, A0 = (g_logp + g_ent H) / T,
+//    A1 = g_ent ln2 / T. u_j is clamped at min_log2 (where p_j is exactly 0) before A1
+//    multiplies it, so -inf logits give 0, not 0 * inf.
 //
 // 3. Per-token GRPO terms: verl 0.9.1 compute_policy_loss_vanilla and kl_penalty, value AND
 //    derivative with respect to logp, with torch autograd's conventions at ties and clamp
@@ -25,8 +32,18 @@
 //    gradient AT its bounds changed in 2026, pytorch PR 191142: older releases pass it, torch
 //    2.14 does not (minimum-norm subgradient) - so the caller passes the installed torch's
 //    convention), so the gradients equal verl's autograd under the torch that runs it.
+//    grpo_token_grads turns them into the per-token gradient coefficients of the aggregated
+//    loss (g_logp, g_ent), exactly as autograd chains them in tsparse/ops/grpo.py.
 //
-// -inf logits are allowed (p = 0, no NaN from 0 * -inf); NaN logits give NaN outputs.
+// -inf logits are allowed (p = 0, no NaN from 0 * -inf); NaN logits give NaN outputs; a row
+// whose logits are all -inf gives NaN log-prob and entropy (as torch's log_softmax).
+//
+// Accuracy of the GPU forward (fp32 accumulation; derivation in profiling/NOTES.md "Accuracy of
+// the row kernels", checked by a CPU emulation of the device arithmetic in
+// python_tests/test_grpo_device_math.py), with tau_j the exact base-2 offsets from the row max:
+//   |logp - logp_exact| <= ln2 2u (|tau_t| + E_p|tau|) + eps_a + ln2 2u |log2 a| + 2u |logp|,
+//   u = 2^-24, eps_a = 2^-22 + (9 + R) u + R (2^-22 + u) + levels (2^-22 + 3u)
+// (R: batches one thread folds in, levels: merge levels above it); ~1e-5 at V = 152,064.
 #pragma once
 
 #include <cmath>
@@ -43,21 +60,37 @@
 namespace tsparse {
 namespace grpo {
 
-// Exponent floor used where a probability that is exactly 0 multiplies a log-space offset
-// that may be -inf: exp(kMinOffset) == 0 in fp32 and fp64, and 0 * kMinOffset == 0.
-constexpr float kMinOffset = -1e30f;
+constexpr double kLog2e = 1.44269504088896340736;  // log2(e)
+constexpr double kLn2 = 0.693147180559945309417;   // ln(2)
 
-// exp for the softmax terms of the row kernels (one per logit): on the device MUFU.EX2 of
-// x * log2(e). Rounding x * log2(e) to fp32 adds ~|x| * 6e-8 relative error on top of ex2's
-// ~2 ulp; harmless here, where x <= 0 and a large |x| means a negligible probability.
-TSPARSE_HD float exp_acc(float x) {
+// A base-2 offset that multiplies a probability which may be exactly 0 is clamped here first:
+// 2^min_log2 is 0 in the accumulator type (fp32 underflows below 2^-150, fp64 below 2^-1075),
+// and min_log2 times any finite coefficient a row uses cannot overflow.
+template <typename Acc>
+TSPARSE_HD Acc min_log2() {
+  return sizeof(Acc) == 4 ? Acc(-256) : Acc(-2048);
+}
+
+// Scale of the logits in base-2 units, computed once by the host: c = log2(e) / temperature.
+template <typename Acc>
+inline Acc row_scale(double temperature) {
+  return static_cast<Acc>(kLog2e / temperature);
+}
+
+// 2^t for the softmax terms of the row kernels (one per logit). On the device: MUFU.EX2 without
+// the denormal fix-up (ex2.approx.ftz.f32; at most 2 ulp for results >= 2^-126, 0 below, where
+// a probability is negligible). The CPU uses the accurate exp2 (its vectorized loops use a
+// polynomial, grpo_cpu.cpp).
+TSPARSE_HD float exp2_row(float t) {
 #if defined(__CUDA_ARCH__)
-  return exp2f(x * 1.4426950408889634f);
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(t));
+  return r;
 #else
-  return std::exp(x);
+  return std::exp2(t);
 #endif
 }
-TSPARSE_HD double exp_acc(double x) { return exp(x); }
+TSPARSE_HD double exp2_row(double t) { return exp2(t); }
 // exp for the per-token terms (ratio, k3 KL), whose arguments reach +-20: the accurate
 // expf (proper range reduction, ~2 ulp), as the CPU's std::exp; one per token, so free.
 TSPARSE_HD float exp_token(float x) {
@@ -68,16 +101,34 @@ TSPARSE_HD float exp_token(float x) {
 #endif
 }
 TSPARSE_HD double exp_token(double x) { return exp(x); }
-TSPARSE_HD float log_acc(float x) {
+TSPARSE_HD float log2_acc(float x) {
 #if defined(__CUDA_ARCH__)
-  return logf(x);
+  return log2f(x);
 #else
-  return std::log(x);
+  return std::log2(x);
 #endif
 }
-TSPARSE_HD double log_acc(double x) { return log(x); }
+TSPARSE_HD double log2_acc(double x) { return log2(x); }
 TSPARSE_HD float max_acc(float a, float b) { return fmaxf(a, b); }  // NaN-ignoring max
 TSPARSE_HD double max_acc(double a, double b) { return fmax(a, b); }
+
+// x * c - m, the base-2 offset of one logit from the row maximum. On the device one FFMA
+// (a single rounding); on the host a product and a difference, as the CPU's vectorized loops
+// form it (y = x * c, then y - m), so each backend's forward and backward agree bit for bit.
+TSPARSE_HD float offset2(float x, float c, float m) {
+#if defined(__CUDA_ARCH__)
+  return fmaf(x, c, -m);
+#else
+  return x * c - m;
+#endif
+}
+TSPARSE_HD double offset2(double x, double c, double m) {
+#if defined(__CUDA_ARCH__)
+  return fma(x, c, -m);
+#else
+  return x * c - m;
+#endif
+}
 
 template <typename Acc>
 TSPARSE_HD Acc neg_inf() {
@@ -85,12 +136,12 @@ TSPARSE_HD Acc neg_inf() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 1. Online log-sum-exp + entropy state.
+// 1. Online log-sum-exp + entropy state (base 2).
 template <typename Acc>
 struct LseState {
-  Acc m;  // running max of z (-inf while empty)
-  Acc a;  // sum exp(z - m)
-  Acc b;  // sum exp(z - m) * (z - m)
+  Acc m;  // running max of y = x * c (-inf while empty)
+  Acc a;  // sum 2^(y - m)
+  Acc b;  // sum 2^(y - m) * (y - m)
 };
 
 template <typename Acc>
@@ -98,31 +149,34 @@ TSPARSE_HD LseState<Acc> lse_empty() {
   return {neg_inf<Acc>(), Acc(0), Acc(0)};
 }
 
-// Moves the state to a new maximum `m_new` >= s.m (no-op when it is not larger).
+// The subtrahend used for offsets against a running maximum m: m itself, or 0 while the state
+// is empty (m = -inf: every element so far was -inf, and -inf - -inf would be NaN).
 template <typename Acc>
-TSPARSE_HD void lse_raise_max(LseState<Acc>& s, Acc m_new) {
-  if (!(m_new > s.m)) return;
-  if (s.m == neg_inf<Acc>()) {  // empty (a = b = 0), or NaN-poisoned (kept)
-    s.m = m_new;
-    return;
-  }
-  const Acc d = s.m - m_new;  // < 0, finite (m_new may be +inf: then d = -inf)
-  const Acc f = exp_acc(d);
-  s.b = (s.b + s.a * max_acc(d, Acc(kMinOffset))) * f;
-  s.a = s.a * f;
-  s.m = m_new;
+TSPARSE_HD Acc offset_base(Acc m) {
+  return m == neg_inf<Acc>() ? Acc(0) : m;
 }
 
-// Adds one element z <= s.m (call lse_raise_max with the batch maximum first). A -inf
-// element contributes nothing (and is skipped so an all -inf prefix never forms -inf - -inf);
-// NaN (and +inf, whose max makes z - m NaN) turn the sums into NaN, as torch's softmax does.
+// Moves the state to the maximum max(s.m, m_new) (branch-free: a state that is empty, or
+// whose maximum does not change, is rescaled by 2^-inf = 0 or 2^0 = 1).
 template <typename Acc>
-TSPARSE_HD void lse_add(LseState<Acc>& s, Acc z) {
-  if (z == neg_inf<Acc>()) return;
-  const Acc t = z - s.m;
-  const Acc e = exp_acc(t);
+TSPARSE_HD void lse_raise_max(LseState<Acc>& s, Acc m_new) {
+  const Acc m = max_acc(s.m, m_new);
+  const Acc d = s.m - offset_base(m);  // <= 0; -inf for an empty state
+  const Acc f = exp2_row(d);
+  s.b = (s.b + s.a * max_acc(d, min_log2<Acc>())) * f;
+  s.a = s.a * f;
+  s.m = m;
+}
+
+// Adds one element with base-2 offset t = offset2(x, c, offset_base(s.m)) <= ~0 (call
+// lse_raise_max with the batch maximum first). A -inf element adds 2^-inf = 0 (and its offset
+// is clamped before it multiplies that 0); NaN (and +inf, whose max makes the offsets NaN)
+// turn the sums into NaN, as torch's softmax does.
+template <typename Acc>
+TSPARSE_HD void lse_add_offset(LseState<Acc>& s, Acc t) {
+  const Acc e = exp2_row(t);
   s.a += e;
-  s.b += e * t;
+  s.b += e * max_acc(t, min_log2<Acc>());
 }
 
 template <typename Acc>
@@ -135,60 +189,82 @@ TSPARSE_HD LseState<Acc> lse_merge(const LseState<Acc>& x, const LseState<Acc>& 
   LseState<Acc> r{m, Acc(0), Acc(0)};
   if (x.m != neg_inf<Acc>()) {
     const Acc d = x.m - m;
-    const Acc f = exp_acc(d);
+    const Acc f = exp2_row(d);
     r.a += x.a * f;
-    r.b += (x.b + x.a * max_acc(d, Acc(kMinOffset))) * f;
+    r.b += (x.b + x.a * max_acc(d, min_log2<Acc>())) * f;
   }
   if (y.m != neg_inf<Acc>()) {
     const Acc d = y.m - m;
-    const Acc f = exp_acc(d);
+    const Acc f = exp2_row(d);
     r.a += y.a * f;
-    r.b += (y.b + y.a * max_acc(d, Acc(kMinOffset))) * f;
+    r.b += (y.b + y.a * max_acc(d, min_log2<Acc>())) * f;
   }
   return r;
 }
 
 template <typename Acc>
 struct RowStats {
-  Acc row_max;   // m
-  Acc log_norm;  // log(a)
-  Acc entropy;   // log(a) - b / a
+  Acc row_max;   // m (base-2 units of x * c)
+  Acc log_norm;  // log2(a)
+  Acc entropy;   // ln2 * (log2(a) - b / a), nats
 };
 
 template <typename Acc>
 TSPARSE_HD RowStats<Acc> lse_finish(const LseState<Acc>& s) {
-  const Acc la = log_acc(s.a);
-  return {s.m, la, la - s.b / s.a};
+  const Acc la = log2_acc(s.a);
+  return {s.m, la, Acc(kLn2) * (la - s.b / s.a)};
 }
 
-// log p of the target: (z_t - m) - log_norm.
+// log p of the target (nats) from its logit x_t.
 template <typename Acc>
-TSPARSE_HD Acc target_logp(Acc z_t, const RowStats<Acc>& st) {
-  return (z_t - st.row_max) - st.log_norm;
+TSPARSE_HD Acc target_logp(Acc x_t, Acc c, const RowStats<Acc>& st) {
+  return Acc(kLn2) * (offset2(x_t, c, st.row_max) - st.log_norm);
 }
 
 // ---------------------------------------------------------------------------------------
 // 2. Backward coefficients of one row and the gradient of one element.
 template <typename Acc>
 struct RowGrad {
-  Acc row_max;    // m
-  Acc log_norm;   // log(a)
-  Acc mu;         // sum_k p_k (z_k - m) = log_norm - entropy
-  Acc g_logp;     // upstream gradient of logp_t
-  Acc g_ent;      // upstream gradient of the entropy (0 when none)
-  Acc inv_temp;   // 1 / temperature
-  TSPARSE_HD bool zero() const { return g_logp == Acc(0) && g_ent == Acc(0); }
+  Acc row_max;   // m
+  Acc log_norm;  // log2(a)
+  Acc c;         // log2(e) / temperature
+  Acc G;         // g_logp / T: the target's extra term
+  Acc A0;        // (g_logp + g_ent H) / T
+  Acc A1;        // g_ent ln2 / T (0 without an entropy gradient)
+  bool zero;     // g_logp == 0 and g_ent == 0: the row's gradient is 0 (written without reading)
 };
 
-// d loss / d logits_j for z_j = x * inv_temp; `is_target` marks j == t.
+// g_logp, g_ent: upstream gradients of logp_t and of the entropy; entropy only read when
+// g_ent != 0.
+template <typename Acc>
+TSPARSE_HD RowGrad<Acc> make_row_grad(Acc row_max, Acc log_norm, Acc entropy, Acc g_logp, Acc g_ent,
+                                      Acc c, Acc inv_temp) {
+  RowGrad<Acc> g;
+  g.row_max = row_max;
+  g.log_norm = log_norm;
+  g.c = c;
+  g.zero = g_logp == Acc(0) && g_ent == Acc(0);
+  g.G = g_logp * inv_temp;
+  g.A0 = (g_ent != Acc(0) ? g_logp + g_ent * entropy : g_logp) * inv_temp;
+  g.A1 = g_ent * Acc(kLn2) * inv_temp;
+  return g;
+}
+
+// d loss / d logits_j WITHOUT the target term (the caller adds G at j == t): -p_j (A0 + A1 u_j).
+// WITH_ENT = false drops the A1 term (the row has no entropy gradient).
+template <bool WITH_ENT, typename Acc>
+TSPARSE_HD Acc logit_grad_nt(Acc x, const RowGrad<Acc>& g) {
+  const Acc u = offset2(x, g.c, g.row_max) - g.log_norm;  // log2 p (-inf for -inf logits)
+  const Acc p = exp2_row(u);
+  if (WITH_ENT) return -p * (g.A0 + g.A1 * max_acc(u, min_log2<Acc>()));
+  return -p * g.A0;
+}
+
+// The same for any element, target term included.
 template <typename Acc>
 TSPARSE_HD Acc logit_grad(Acc x, bool is_target, const RowGrad<Acc>& g) {
-  const Acc t = x * g.inv_temp - g.row_max;  // z_j - m (-inf for -inf logits)
-  const Acc p = exp_acc(t - g.log_norm);
-  Acc dz = -p * g.g_logp;
-  if (g.g_ent != Acc(0)) dz -= g.g_ent * (p * (max_acc(t, Acc(kMinOffset)) - g.mu));
-  if (is_target) dz += g.g_logp;
-  return dz * g.inv_temp;
+  const Acc d = g.A1 != Acc(0) ? logit_grad_nt<true>(x, g) : logit_grad_nt<false>(x, g);
+  return is_target ? d + g.G : d;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -323,6 +399,30 @@ TSPARSE_HD GrpoToken<Acc> grpo_token(Acc logp, Acc old_logp, Acc adv, Acc ref_lo
   }
   if (p.kl != KlType::kNone && p.kl_straight_through) o.dkl = d;
   return o;
+}
+
+// Per-token gradient coefficients of the aggregated GRPO loss with respect to logp_t and to the
+// entropy_t, as autograd chains them through tsparse/ops/grpo.py's two-pass graph:
+// loss = sum_t w_t * (pg_t + kl_coef kl_t - entropy_coef H_t), w_t = 0 for masked tokens
+// (`weight` below), and grpo_token_terms' backward drops a term whose upstream gradient is 0
+// (torch.where(g != 0, g * d, 0)), so a masked token's NaN derivative never leaks.
+template <typename Acc>
+struct TokenGrads {
+  Acc g_logp;
+  Acc g_ent;
+};
+
+template <typename Acc>
+TSPARSE_HD TokenGrads<Acc> grpo_token_grads(const GrpoToken<Acc>& o, Acc weight, bool use_kl, Acc kl_coef,
+                                            Acc entropy_coef) {
+  TokenGrads<Acc> g;
+  g.g_logp = weight != Acc(0) ? weight * o.dpg : Acc(0);
+  if (use_kl) {
+    const Acc gk = kl_coef * weight;
+    g.g_logp = g.g_logp + (gk != Acc(0) ? gk * o.dkl : Acc(0));
+  }
+  g.g_ent = entropy_coef != Acc(0) ? -weight * entropy_coef : Acc(0);
+  return g;
 }
 
 }  // namespace grpo

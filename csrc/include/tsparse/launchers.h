@@ -61,8 +61,12 @@ void build_inverse(const void* index, bool index_is_int64, int64_t m_rows, int32
                    int64_t n_rows, OpTag op, cudaStream_t stream);
 
 // out[r, :] = sum_{i in [offsets[r], offsets[r+1])} src[perm[i], :]  (divided by the count when
-// `mean`; rows with no members are zero). Accumulates in fp32 (fp64 for fp64 data) in the
-// order of `perm`, so the result is deterministic. offsets: int64 [out_rows + 1]; perm: int64.
+// `mean`; rows with no members are zero). Accumulates in fp32 (fp64 for fp64 data) in a fixed
+// order (tsparse/segment_plan.h: segments longer than kSegmentPiece members are summed in
+// pieces by many CTAs, then the pieces in order), so the result is deterministic and equal to
+// the CPU kernel's. offsets: int64 [out_rows + 1]; perm: int64. `workspace`: at least
+// segment_reduce_workspace_bytes(perm_len, cols, dtype) bytes of device memory, 16-byte
+// aligned (may be null when that is 0).
 struct SegmentReduceArgs {
   void* out = nullptr;
   int64_t out_rows = 0;
@@ -75,7 +79,9 @@ struct SegmentReduceArgs {
   const int64_t* offsets = nullptr;
   bool mean = false;
   DType dtype = DType::kFloat32;
+  void* workspace = nullptr;
 };
+int64_t segment_reduce_workspace_bytes(int64_t perm_len, int64_t cols, DType dtype);
 void segment_reduce_rows(const SegmentReduceArgs& args, cudaStream_t stream);
 
 // out[r] = 1 / max(||x[r, :]||_2, eps), accumulated in fp32 (fp64 for fp64 data, stored as fp32).
@@ -100,6 +106,24 @@ struct BoxMaskArgs {
   int32_t* kept_counts = nullptr;
 };
 void box_to_patch_mask(const BoxMaskArgs& args, cudaStream_t stream);
+
+// The per-image table above, computed on the device (one small kernel) from an
+// `image_grid_thw` [num_images, 3] and `box_offsets` [num_images + 1] that live on the GPU, so
+// box_to_patch_mask never copies them to the host. Invalid values (non-positive or
+// non-multiple-of-merge grids, decreasing offsets, offsets that do not span the boxes, a
+// `num_tokens` that does not match) abort with a device-side assert.
+struct BoxPlanArgs {
+  const void* grid = nullptr;     // int32 / int64 [num_images, 3], contiguous
+  bool grid_is_int64 = true;
+  const void* offsets = nullptr;  // int32 / int64 [num_images + 1], contiguous
+  bool offsets_is_int64 = true;
+  int64_t num_images = 0;
+  int64_t num_boxes = 0;
+  int64_t num_tokens = 0;
+  int64_t merge_size = 2;
+  int64_t* image_meta = nullptr;  // out: int64 [num_images, 6]
+};
+void box_mask_plan(const BoxPlanArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace tsparse

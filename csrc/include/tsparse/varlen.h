@@ -46,10 +46,16 @@ struct VarlenPackArgs {
   const int64_t* pos = nullptr;   // [C, B, L], optional
   int64_t channels = 0;
   int64_t* pos_out = nullptr;     // [C, total]
+  int32_t* chunk_counts = nullptr;  // workspace: int32 [B * varlen_pack_chunks(L)]
+  int64_t chunks = 0;             // set by varlen_pack
 };
 
-// One block per row, one pass over the masks: block-wide prefix sums of the kept flags give
-// each kept token its packed position; every output stream is written from there.
+// Chunks of kRowThreads (512) tokens per row the pack grid uses (at least 1).
+int64_t varlen_pack_chunks(int64_t seqlen);
+
+// A (chunks, B) grid: one kernel counts each chunk's kept tokens into `chunk_counts`, then
+// one block per chunk ranks its kept tokens (the row's earlier chunks + block-wide prefix
+// sums) and writes every output stream; no block waits for another.
 void varlen_pack(const VarlenPackArgs& a, cudaStream_t stream);
 
 }  // namespace cuda

@@ -97,17 +97,32 @@ def grpo_token_terms(
     clip_ratio_c: float,
     is_weights: Optional[Tensor] = None,
 ):
-    """Per-token ``(pg_loss, ratio, clipped, clipped_lower)`` of verl's vanilla PPO loss for
-    same-shaped ``[..., R]`` tensors, in one tsparse kernel; ``pg_loss`` is differentiable in
-    ``log_prob`` (the kernel's analytic derivative, registered as the op's autograd)."""
+    """Per-token ``(pg_loss, ratio, clipped, clipped_lower)`` of verl's vanilla PPO loss, in one
+    tsparse kernel; ``pg_loss`` is differentiable in ``log_prob`` (the kernel's analytic
+    derivative, registered as the op's autograd). The inputs broadcast against each other as in
+    verl's ``compute_policy_loss_vanilla`` (e.g. per-sequence ``[b, 1]`` advantages or rollout IS
+    weights beside ``[b, R]`` log-probs); the outputs have the broadcast shape."""
     from ...ops import grpo as _grpo
 
-    shape = log_prob.shape
-    lp = log_prob.reshape(-1)
+    tensors = [t for t in (log_prob, old_log_prob, advantages, is_weights) if t is not None]
+    try:
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    except RuntimeError as exc:
+        raise ValueError(
+            "tsparse policy loss: `log_prob` "
+            f"{tuple(log_prob.shape)}, `old_log_prob` {tuple(old_log_prob.shape)}, `advantages` "
+            f"{tuple(advantages.shape)}"
+            + (f", `rollout_is_weights` {tuple(is_weights.shape)}" if is_weights is not None else "")
+            + " do not broadcast together"
+        ) from None
+    lp = log_prob.expand(shape).reshape(-1)  # differentiable: the gradient sums back over broadcast dims
     if lp.dtype not in (torch.float32, torch.float64):
         lp = lp.to(torch.float32)
     acc = lp.dtype  # fp64 inputs stay fp64; anything else is computed in fp32
-    flat = lambda t: t.reshape(-1).detach().to(acc) if t is not None else None  # noqa: E731
+
+    def flat(t):
+        return t.detach().to(acc).expand(shape).reshape(-1) if t is not None else None
+
     pg, _kl, ratio, flags, _, _, _ = torch.ops.tsparse.grpo_token_terms(
         lp, flat(old_log_prob), flat(advantages), None, flat(is_weights),
         float(clip_low), float(clip_high), float(clip_ratio_c), "low_var_kl", _grpo.CLAMP_EDGES,
@@ -124,6 +139,8 @@ def _clip_params(config) -> tuple[float, float, float]:
     high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
     c = config.get("clip_ratio_c", 3.0)
     if not c > 1.0:
+        # verl's vanilla loss asserts this (AssertionError); a ValueError naming the key is the
+        # documented difference (a bad config is a user's mistake, not an internal invariant).
         raise ValueError(f"actor_rollout_ref.actor.clip_ratio_c must be > 1.0, got {c}")
     return float(low), float(high), float(c)
 

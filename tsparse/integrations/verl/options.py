@@ -25,7 +25,10 @@ key                 default    what it swaps in (Liger-style: off = verl's own c
 ``prune_visual``    ``True``   the visual-token pruning hook in the Qwen2.5-VL forward (after
                                the vision tower; boxes travel in ``multi_modal_inputs``)
 ``pruning``         see below  ``{fuse, fallback, margin, min_coverage}``: MUST equal what the
-                               rollout pruned with (``configs/dualstream.yaml`` ``pruning``)
+                               rollout pruned with (``configs/dualstream.yaml`` ``pruning``);
+                               ``fuse`` is the fusion method's name (``none``, ``cosine_mean``,
+                               ``nearest_kept``, ``summary``; ``true``/``false`` = ``cosine_mean``
+                               /``none``)
 ``stream_loss``     ``True``   the engine publishes each micro-batch's stream ids and the
                                mini-batch's per-stream token counts to the ``tsparse_dualstream``
                                policy loss

@@ -33,13 +33,13 @@ the same worker process from the same model config):
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 from typing import Any, Callable, Optional
 
 import torch
 
 from .options import BACKEND, TsparseOptions, options_from_model_config
+from .swaps import MISSING, ORIGINALS, original, resolve, restore, set_attr
 
 __all__ = [
     "PATCH_TARGETS",
@@ -83,56 +83,13 @@ PATCH_TARGETS: tuple = VARLEN_TARGETS + (
 #: The one attribute the plugin's registration replaces (the dispatcher; see the module doc).
 DISPATCH_TARGET = (_ENGINE, "FSDPEngine._build_module")
 
-_MISSING = object()
-# (id(owner), name) -> (owner, name, original value or _MISSING when it was inherited)
-_ORIGINALS: dict = {}
 _ACTIVE: dict = {"options": None}
-
-
-def resolve(module: str, path: str) -> tuple[Any, str]:
-    """``(owner, attribute name)`` of ``module`` + dotted ``path`` (``Class.method``)."""
-    owner = importlib.import_module(module)
-    parts = path.split(".")
-    for p in parts[:-1]:
-        owner = getattr(owner, p)
-    return owner, parts[-1]
-
-
-def _current(owner, name):
-    if isinstance(owner, type):
-        return owner.__dict__.get(name, _MISSING)
-    return getattr(owner, name, _MISSING)
-
-
-def _set(owner, name: str, value) -> None:
-    key = (id(owner), name)
-    if key not in _ORIGINALS:
-        _ORIGINALS[key] = (owner, name, _current(owner, name))
-    setattr(owner, name, value)
-
-
-def _restore(key) -> None:
-    owner, name, value = _ORIGINALS.pop(key)
-    if value is _MISSING:
-        if name in getattr(owner, "__dict__", {}):
-            delattr(owner, name)
-    else:
-        setattr(owner, name, value)
-
-
-def original(module: str, path: str):
-    """verl's own object at a patch target (even while tsparse's replacement is installed)."""
-    owner, name = resolve(module, path)
-    rec = _ORIGINALS.get((id(owner), name))
-    if rec is not None:
-        return rec[2] if rec[2] is not _MISSING else getattr(owner, name)
-    return getattr(owner, name)
 
 
 def patched_targets() -> list[tuple[str, str]]:
     """The ``(owner name, attribute)`` pairs currently replaced by tsparse (dispatcher included)."""
     out = []
-    for owner, name, _ in _ORIGINALS.values():
+    for owner, name, _ in ORIGINALS.values():
         out.append((getattr(owner, "__qualname__", getattr(owner, "__name__", repr(owner))), name))
     return out
 
@@ -238,8 +195,8 @@ def _dispatching_forward(cls: type, tsparse_forward: Callable) -> Callable:
     def forward(self, *args, **kwargs):
         if isinstance(getattr(self, "_tsparse_options", None), TsparseOptions):
             return tsparse_forward(self, *args, **kwargs)
-        rec = _ORIGINALS.get((id(cls), "forward"))
-        orig = rec[2] if rec is not None and rec[2] is not _MISSING else None
+        rec = ORIGINALS.get((id(cls), "forward"))
+        orig = rec[2] if rec is not None and rec[2] is not MISSING else None
         if orig is None:
             raise RuntimeError(f"tsparse: no original forward recorded for {cls.__name__}")
         return orig(self, *args, **kwargs)
@@ -255,9 +212,9 @@ def apply_to_model(model, options: TsparseOptions) -> None:
     current = cls.__dict__.get("forward")
     if not getattr(current, "__tsparse__", False):
         key = (id(cls), "forward")
-        if key in _ORIGINALS:  # verl re-patched the class since: that is the forward to fall back to
-            _ORIGINALS[key] = (cls, "forward", current if current is not None else _MISSING)
-        _set(cls, "forward", _dispatching_forward(cls, fwd))
+        if key in ORIGINALS:  # verl re-patched the class since: that is the forward to fall back to
+            ORIGINALS[key] = (cls, "forward", current if current is not None else MISSING)
+        set_attr(cls, "forward", _dispatching_forward(cls, fwd))
     model._tsparse_options = options
 
 
@@ -298,11 +255,11 @@ def apply_tsparse_to_verl(
             # no_padding_2_padding) and its "original" would be tsparse's.
             targets = [resolve(module, path) for module, path in VARLEN_TARGETS]
             for owner, name in targets:
-                _set(owner, name, getattr(tv, name))
+                set_attr(owner, name, getattr(tv, name))
         if options.stream_loss:
             owner, _ = resolve(_ENGINE, "FSDPEngineWithLMHead.forward_step")
-            _set(owner, "forward_backward_batch", _make_forward_backward_batch(owner.forward_backward_batch))
-            _set(owner, "forward_step", _make_forward_step(owner.forward_step))
+            set_attr(owner, "forward_backward_batch", _make_forward_backward_batch(owner.forward_backward_batch))
+            set_attr(owner, "forward_step", _make_forward_step(owner.forward_step))
         _ACTIVE["options"] = options
     if model is not None:
         apply_to_model(model, options)
@@ -312,9 +269,9 @@ def apply_tsparse_to_verl(
 def unpatch() -> None:
     """Restores every object tsparse replaced (the flag's swaps; not the plugin's dispatcher)."""
     dispatch_key = _dispatch_key()
-    for key in reversed(list(_ORIGINALS)):
+    for key in reversed(list(ORIGINALS)):
         if key != dispatch_key:
-            _restore(key)
+            restore(key)
     _ACTIVE["options"] = None
 
 
@@ -364,12 +321,12 @@ def install_dispatcher() -> bool:
     current = owner.__dict__[name]
     if getattr(current, "__tsparse_dispatch__", False):
         return False
-    _set(owner, name, build_module_dispatch(current))
+    set_attr(owner, name, build_module_dispatch(current))
     return True
 
 
 def uninstall_dispatcher() -> None:
     """Removes the dispatcher (restores verl's ``FSDPEngine._build_module``)."""
     key = _dispatch_key()
-    if key is not None and key in _ORIGINALS:
-        _restore(key)
+    if key is not None and key in ORIGINALS:
+        restore(key)

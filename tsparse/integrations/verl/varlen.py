@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ...ops import gather_tokens, unpack_varlen
 from ...ops.varlen import index_first_axis, pad_input, unpad_input
+from .swaps import original
 
 __all__ = ["unpad_input", "pad_input", "index_first_axis", "no_padding_2_padding"]
 
@@ -75,6 +76,4 @@ def no_padding_2_padding(tensor: Tensor, data) -> Tensor:
 
 def _original_no_padding_2_padding():
     """verl's own function, even while the patch is installed."""
-    from .patches import original
-
     return original("verl.workers.utils.padding", "no_padding_2_padding")
