@@ -308,8 +308,10 @@ def test_fixed_order_short_questions_and_rationales():
     centre = dataclasses.replace(cfg, rationale="centre")
     _, rec = render_synthetic_sample(5, centre)
     b = rec["bbox"][0]
-    assert rec["rationale"].endswith(f" {(b[0] + b[2]) / 2:.2f}, {(b[1] + b[3]) / 2:.2f}")
-    assert rec["rationale"].startswith(parse_options(rec["question"])[rec["answer"]] + " ")
+    # the localization stream thinks about WHERE (the centre), the sparse stream about WHAT
+    assert rec["rationale_localization"] == f"{(b[0] + b[2]) / 2:.2f}, {(b[1] + b[3]) / 2:.2f}"
+    assert rec["rationale"] == parse_options(rec["question"])[rec["answer"]]
+    assert "rationale_localization" not in render_synthetic_sample(5, cfg)[1]
     shuffled = SyntheticScanConfig(image_size=112)
     assert len({render_synthetic_sample(i, shuffled)[1]["question"] for i in range(40)}) > 4
 
