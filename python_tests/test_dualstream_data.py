@@ -251,3 +251,86 @@ def test_warmup_response_targets_pass_the_strict_format(tmp_path):
     assert warmup_response(plain, "sparse", reasoning="r") == "<think>r</think><answer>B</answer>"
     with pytest.raises(ValueError, match="stream"):
         warmup_response(plain, "dense", reasoning="r")
+
+
+# --------------------------------------------------------------------------------------
+# The embedded demo's simplifications (configs/data/demo_scans.yaml)
+def test_demo_options_keep_the_same_lesions():
+    """Cue, option order, question style and rationale change how a sample is shown and asked,
+    never which lesion it holds: the RNG stream is the same in every mode."""
+    base = SyntheticScanConfig(image_size=112)
+    demo = dataclasses.replace(base, position_cue="lesion", option_order="fixed", question_style="short",
+                               rationale="centre")
+    for i in range(12):
+        _, a = render_synthetic_sample(i, base)
+        _, b = render_synthetic_sample(i, demo)
+        assert a["bbox"] == b["bbox"] and a["attributes"] == b["attributes"] and a["question_type"] == b["question_type"]
+
+
+def test_position_cue_channels():
+    s = 112
+    for cue in ("image", "lesion"):
+        imgs, rec = render_synthetic_sample(3, SyntheticScanConfig(image_size=s, position_cue=cue))
+        px = np.asarray(imgs[0]).astype(np.float64)
+        assert imgs[0].mode == "RGB" and px.shape == (s, s, 3)
+        gray = np.asarray(render_synthetic_sample(3, SyntheticScanConfig(image_size=s))[0][0])
+        assert np.array_equal(px[..., 0], gray)  # red: the scan itself
+        ramp = (np.arange(s) + 0.5) / s * 255
+        x1, y1, x2, y2 = (round(v * s) for v in rec["bbox"][0])
+        cy, cx = (y1 + y2) // 2, (x1 + x2) // 2
+        if cue == "image":  # green = x, blue = y everywhere
+            assert np.abs(px[..., 1] - ramp[None, :]).max() <= 0.5 + 1e-9
+            assert np.abs(px[..., 2] - ramp[:, None]).max() <= 0.5 + 1e-9
+        else:  # only on the lesion: its centre carries (x, y), far corners are black
+            assert abs(px[cy, cx, 1] - ramp[cx]) < 6 and abs(px[cy, cx, 2] - ramp[cy]) < 6
+            assert px[0, 0, 1] == px[0, 0, 2] == 0 and px[-1, -1, 1] == px[-1, -1, 2] == 0
+            outside = np.ones((s, s), bool)
+            outside[max(y1 - 6, 0):y2 + 6, max(x1 - 6, 0):x2 + 6] = False
+            assert px[outside][:, 1:].max() <= 2  # nothing away from the lesion
+
+
+def test_fixed_order_short_questions_and_rationales():
+    cfg = SyntheticScanConfig(image_size=112, option_order="fixed", question_style="short", rationale="attribute")
+    seen: dict = {}
+    for i in range(40):
+        _, rec = render_synthetic_sample(i, cfg)
+        opts = parse_options(rec["question"])
+        text = opts[rec["answer"]]
+        assert rec["rationale"] == text  # the think is the answer's own option text
+        seen.setdefault(rec["question"], {})[text] = rec["answer"]
+        a = rec["attributes"]
+        want = {"location": a["quadrant"], "intensity": a["intensity"], "size": a["size"],
+                "shape": {"round": "round", "horizontally elongated": "wide", "vertically elongated": "tall"}[a["shape"]]}
+        assert text == want[rec["question_type"]]
+        assert len(rec["question"]) < 90
+    assert len(seen) == 4  # one question text per type, options in a fixed order
+    assert seen["<image>\nWhere is the lesion?\nA) upper left\nB) upper right\nC) lower left\nD) lower right"]
+    centre = dataclasses.replace(cfg, rationale="centre")
+    _, rec = render_synthetic_sample(5, centre)
+    b = rec["bbox"][0]
+    # the localization stream thinks about WHERE (the centre), the sparse stream about WHAT
+    assert rec["rationale_localization"] == f"{(b[0] + b[2]) / 2:.2f}, {(b[1] + b[3]) / 2:.2f}"
+    assert rec["rationale"] == parse_options(rec["question"])[rec["answer"]]
+    assert "rationale_localization" not in render_synthetic_sample(5, cfg)[1]
+    shuffled = SyntheticScanConfig(image_size=112)
+    assert len({render_synthetic_sample(i, shuffled)[1]["question"] for i in range(40)}) > 4
+
+
+def test_lesion_scale_grows_the_boxes():
+    small, big = SyntheticScanConfig(image_size=112), SyntheticScanConfig(image_size=112, lesion_scale=1.3)
+    area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
+    a = [area(render_synthetic_sample(i, small)[1]["bbox"][0]) for i in range(30)]
+    b = [area(render_synthetic_sample(i, big)[1]["bbox"][0]) for i in range(30)]
+    assert sum(b) / sum(a) > 1.4 and all(y >= x for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("key, value", [("position_cue", True), ("option_order", "random"),
+                                        ("question_style", "long"), ("rationale", "none"), ("lesion_scale", 3.0)])
+def test_demo_option_validation(key, value):
+    with pytest.raises(ValueError, match=key):
+        SyntheticScanConfig(**{key: value})
+
+
+def test_demo_scans_config_loads():
+    cfg = SyntheticScanConfig.load("data/demo_scans")
+    assert cfg.position_cue == "lesion" and cfg.option_order == "fixed" and cfg.splits["val"] >= 64

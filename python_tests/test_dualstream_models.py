@@ -179,3 +179,37 @@ def test_load_model_errors(tmp_path):
         cfg = dict(__import__("tsparse.dualstream.config", fromlist=["x"]).load_yaml("models/tiny_qwen2_5_vl"))
         cfg["tokenizer"] = {"format_tags": ["<a>", "<a>"]}
         build_tiny_tokenizer(cfg)
+
+
+# --------------------------------------------------------------------------------------
+def test_demo_model_coordinate_tokens_and_number_sense():
+    """configs/models/tiny_qwen2_5_vl_demo.yaml: "0.00".."1.00" are single tokens whose LM-head
+    rows point at a value written linearly into the last hidden state (logit 2 v h0 - v^2 h1)."""
+    from tsparse.dualstream.format import format_boxes
+    from tsparse.dualstream.models import coordinate_token_values
+
+    model, proc = build_tiny("models/tiny_qwen2_5_vl_demo")
+    tok = proc.tokenizer
+    values = coordinate_token_values(tok)
+    assert len(values) == 101 and sorted(values.values()) == [k / 100 for k in range(101)]
+    text = "<box>" + format_boxes([[0.05, 0.4, 0.37, 1.0]]) + "</box>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert [values[i] for i in ids if i in values] == [0.05, 0.4, 0.37, 1.0]
+    assert tok.decode(ids) == text
+    assert coordinate_token_values(build_tiny_tokenizer()) == {}  # the default tiny model has none
+    head = model.get_output_embeddings().weight.detach()
+    order = torch.tensor(sorted(values, key=values.get))
+    for x in (0.0, 0.137, 0.5, 0.861, 1.0):
+        h = torch.zeros(head.shape[1])
+        h[0], h[1] = x, 1.0
+        logits = head[order] @ h
+        assert abs(int(logits.argmax()) / 100 - x) <= 0.005 + 1e-9
+    emb = model.get_input_embeddings().weight.detach()
+    assert torch.allclose(emb[order, 0], 0.05 * (2 * torch.arange(101) / 100 - 1), atol=1e-7)
+    cfg = dict(__import__("tsparse.dualstream.config", fromlist=["x"]).load_yaml("models/tiny_qwen2_5_vl"))
+    with pytest.raises(ValueError, match="coordinate_tokens"):
+        build_tiny_tokenizer({**cfg, "tokenizer": {**cfg["tokenizer"], "coordinate_tokens": 5}})
+    with pytest.raises(ValueError, match="coordinate_init"):
+        build_tiny({**cfg, "tokenizer": {**cfg["tokenizer"], "coordinate_init": "sorted"}})
+    with pytest.raises(ValueError, match="coordinate_tokens"):
+        build_tiny({**cfg, "tokenizer": {**cfg["tokenizer"], "coordinate_init": "ordinal"}})

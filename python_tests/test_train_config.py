@@ -50,7 +50,7 @@ def test_demo_config_loads_with_overrides():
     assert cfg.stages_config.localization.steps == 3
     m = cfg.method_config_obj()
     assert m.advantages.sparse_group == "question"
-    assert m.advantages.localization_group_size == 4 and m.advantages.sparse_group_size == 2
+    assert m.advantages.localization_group_size == 8 and m.advantages.sparse_group_size == 2  # demo.yaml
     assert len(m.prompts.localization.system) < 200  # the demo's short prompts
     assert m.rewards.localization["iou"] == 1.0  # the rest comes from configs/dualstream.yaml
     assert cfg.to_dict()["stages"]["run"] == ["localization", "sparse"]
@@ -79,7 +79,7 @@ def test_lingshu_config_loads_and_needs_a_model_and_data():
     ("optim.lr=fast", "optim.lr"),
     ("optim.master_weights=gpu", "optim.master_weights"),
     ("optim.schedule=linear", "optim.schedule"),
-    ("stages.localization.mini_batches=5", "stages.localization.mini_batches"),
+    ("stages.localization.mini_batches=9", "stages.localization.mini_batches"),  # > questions_per_step (8)
     ("stages.sparse.ppo_epochs=0", "stages.sparse.ppo_epochs"),
     ("stages.warmup.streams=[dense]", "stages.warmup.streams"),
     ("rollout.top_p=0", "rollout.top_p"),

@@ -240,6 +240,32 @@ def test_mini_batches_epochs_micro_batches_kl_and_frozen_vision(pipeline, tmp_pa
     assert not all(torch.equal(before[k], after[k]) for k in before if k not in vision)
 
 
+def test_warmup_context_curriculum_and_sparse_context_jitter(pipeline, tmp_path):
+    """stages.warmup.context_curriculum prunes the localization targets' prompts to the true box
+    grown by a margin that rises to the whole image, then dense; sparse_context_jitter grows
+    the sparse rows' boxes by random margins up to the whole image."""
+    base = dict(pipeline.base, output_dir=str(tmp_path / "cur"))
+    base["stages"] = dict(base["stages"], run=["warmup"],
+                          warmup=dict(base["stages"]["warmup"], steps=8, context_curriculum=0.5,
+                                      sparse_context_jitter=1.0, streams=["localization", "sparse"]))
+    trainer = Trainer(load_train_config(base=base), log=lambda *_: None)
+    enc = trainer.processor.encode_samples(trainer.train_samples[:2], trainer.method.prompts.localization)
+    side = 112 // 28  # 4 x 4 tokens
+    assert [trainer._context_margin(s, enc) for s in range(6)] == [0.0, side / 4, side / 2, 3 * side / 4, None, None]
+    boxes = [list(s.boxes) for s in trainer.train_samples[:2]]
+    grown = [trainer._jitter_context(s, boxes, enc) for s in range(12)]
+    for g in grown:
+        for (b,), (o,) in zip(g, boxes):
+            assert b[0] <= o[0] and b[1] <= o[1] and b[2] >= o[2] and b[3] >= o[3]
+    assert any(tuple(b) == (0.0, 0.0, 1.0, 1.0) for g in grown for (b,) in g)  # the whole image
+    assert any(b != o for g in grown for (b,), (o,) in zip(g, boxes))
+    summary = trainer.run()
+    recs = read_jsonl(Path(base["output_dir"]) / "metrics.jsonl")
+    margins = [r.get("sft/context_margin") for r in recs]
+    assert margins[:4] == [0.0, side / 4, side / 2, 3 * side / 4] and margins[4:] == [None] * 4
+    assert all(math.isfinite(r["sft/loss"]) for r in recs) and summary["stages"]["warmup"]["steps"] == 8
+
+
 def _copy_checkpoints(pipeline, dest: Path, names, latest: str) -> Path:
     import shutil
 

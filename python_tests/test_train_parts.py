@@ -206,3 +206,90 @@ def test_plot_and_summary(tmp_path):
     assert lines[0].startswith("Training") and "warmup" in text and "3.000" in text and "0.500" in text
     assert "Greedy evaluation on 4 validation samples" in text and "random init (untrained)" in text
     json.dumps(summary)
+
+
+# --------------------------------------------------------------------------------------
+def test_cached_encoder_returns_what_the_processor_returns(tiny_vl, synthetic_samples):
+    from tsparse.dualstream.config import load_method_config
+    from tsparse.train.encode_cache import CachedEncoder
+
+    _, proc = tiny_vl
+    prompts = load_method_config().prompts
+    cache = CachedEncoder(proc)
+    for samples in (synthetic_samples["one"][:3], synthetic_samples["two"][:3],
+                    [synthetic_samples["one"][2], synthetic_samples["one"][0], synthetic_samples["one"][2]]):
+        for prompt in (prompts.localization, prompts.sparse):
+            for side in ("left", "right"):
+                want = proc.encode_samples(samples, prompt, padding_side=side)
+                for _ in range(2):  # a miss, then a hit
+                    got = cache.encode_samples(samples, prompt, padding_side=side)
+                    assert set(got) == set(want) and got["texts"] == want["texts"]
+                    for k in want:
+                        if k != "texts":
+                            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert cache.hits > 0 and cache.misses == 3 * 2 + 3 * 2  # one per distinct (sample, prompt)
+    assert cache.decode([65, 66]) == proc.decode([65, 66]) and cache.tokenizer is proc.tokenizer
+    # A byte bound keeps the cache small: the least recently used images go first.
+    small = CachedEncoder(proc, max_bytes=1)
+    small.encode_samples(synthetic_samples["one"][:3], prompts.sparse)
+    assert len(small._pixels) == 1
+    got = small.encode_samples(synthetic_samples["one"][:3], prompts.sparse)
+    assert torch.equal(got["pixel_values"], proc.encode_samples(synthetic_samples["one"][:3], prompts.sparse)["pixel_values"])
+    with pytest.raises(ValueError, match="samples"):
+        cache.encode_samples([], prompts.sparse)
+
+
+def test_quarter_means_and_the_summary_with_baselines():
+    from tsparse.train.metrics import quarter_means
+
+    recs = [{"stage": "sparse", "step": k, "loc/score": float(k), "sparse/score": 10.0 - k} for k in range(1, 9)]
+    q = quarter_means(recs, "sparse", ["loc/score", "sparse/score", "missing"])
+    assert q["steps"] == 8 and q["quarter"] == 2 and "missing" not in q
+    assert q["loc/score"] == {"first": 1.5, "last": 7.5, "delta": 6.0}
+    assert q["sparse/score"]["delta"] == -6.0
+    assert quarter_means(recs[:1], "sparse", ["loc/score"]) == {"steps": 1}
+    assert quarter_means(recs[:5], "sparse", ["loc/score"])["quarter"] == 2  # ceil(5 / 4)
+    ev = {"label": "after sparse", "n": 64, "loc_format": 1.0, "box_rate": 1.0, "iou": 0.5, "loc_accuracy": 0.6,
+          "sparse_format": 1.0, "sparse_accuracy": 0.7, "keep_ratio": 0.2, "fallback_rate": 0.0, "sparse_length": 9.0,
+          "seconds": 2.0, "dense_format": 1.0, "dense_accuracy": 0.55}
+    summary = {"rl_progress": {"sparse": q}, "evals": [ev],
+               "baselines": {"n": 64, "fixed_box_iou": 0.1, "fixed_box": [0.2, 0.3, 0.6, 0.7], "chance_accuracy": 0.37,
+                             "majority_accuracy": 0.47, "majority_answer": "A", "question_majority_accuracy": 0.5}}
+    text = format_summary(summary)
+    assert "localization reward 1.500 -> 7.500 (+6.000)" in text and "sparse reward 8.500 -> 2.500 (-6.000)" in text
+    assert "Greedy evaluation on 64 validation samples" in text and "dense acc" in text and "0.550" in text
+    assert "baseline: best fixed box [0.20, 0.30, 0.60, 0.70]" in text and "baseline: always A" in text
+    assert "baseline: chance" in text and "0.370" in text
+
+
+def test_fixed_box_search_matches_brute_force_and_baselines():
+    from tsparse.dualstream.data import VQASample
+    from tsparse.dualstream.rewards import iou_reward
+    from tsparse.train.evaluate import baselines, fixed_box_search
+
+    rng = random.Random(3)
+    gts = []
+    for _ in range(12):
+        boxes = []
+        for _ in range(rng.randint(0, 2)):
+            x, y = sorted(rng.sample(range(11), 2)), sorted(rng.sample(range(11), 2))
+            boxes.append([x[0] / 10, y[0] / 10, x[1] / 10, y[1] / 10])
+        gts.append(boxes)
+    best, box = fixed_box_search(gts, step=0.25)
+    grid = [k / 4 for k in range(5)]
+    brute = max((sum(iou_reward([(a, b, c, d)], g) for g in gts) / len(gts), (a, b, c, d))
+                for a in grid for c in grid if c > a for b in grid for d in grid if d > b)
+    assert best == pytest.approx(brute[0], abs=1e-12) and box == pytest.approx(brute[1])
+    assert fixed_box_search([], step=0.5) == (0.0, ())
+    with pytest.raises(ValueError, match="step"):
+        fixed_box_search(gts, step=0.3)
+    opts = {"A": "x", "B": "y", "C": "z", "D": "w"}
+    samples = [VQASample(str(i), ("a.png",), q, a, ((0.1, 0.1, 0.3, 0.3),), o) for i, (q, a, o) in enumerate([
+        ("q1", "A", opts), ("q1", "A", opts), ("q1", "B", opts), ("q2", "B", {"A": "x", "B": "y"}),
+        ("q2", "B", {"A": "x", "B": "y"}), ("q3", "C", {})])]
+    b = baselines(samples, step=0.05)
+    assert b["n"] == 6 and b["fixed_box_iou"] == pytest.approx(1.0) and b["fixed_box"] == pytest.approx([0.1, 0.1, 0.3, 0.3])
+    assert b["chance_accuracy"] == pytest.approx((3 / 4 + 2 / 2 + 0) / 6)
+    assert b["majority_answer"] in ("A", "B") and b["majority_accuracy"] == pytest.approx(3 / 6)
+    assert b["question_majority_accuracy"] == pytest.approx((2 + 2 + 1) / 6)
+    assert baselines([]) == {"n": 0}

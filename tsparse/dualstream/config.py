@@ -204,7 +204,7 @@ class FormatConfig:
         return cls(mb, dec)
 
 
-_LOC_TERMS = ("format", "iou", "accuracy", "cross_accuracy")
+_LOC_TERMS = ("format", "iou", "accuracy", "cross_accuracy", "sparsity")
 _SPARSE_TERMS = ("format", "accuracy", "cross_accuracy")
 
 
@@ -212,7 +212,7 @@ _SPARSE_TERMS = ("format", "accuracy", "cross_accuracy")
 class RewardWeights:
     """Weights of each stream's reward terms (``reward = sum(weight * term)``).
 
-    ``localization``: ``format``, ``iou``, ``accuracy``, ``cross_accuracy``;
+    ``localization``: ``format``, ``iou``, ``accuracy``, ``cross_accuracy``, ``sparsity``;
     ``sparse``: ``format``, ``accuracy``, ``cross_accuracy``. Weights are finite and >= 0;
     a term missing from the mapping has weight 0.
     """

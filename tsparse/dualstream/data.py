@@ -374,12 +374,13 @@ def warmup_response(
     ``<think>reasoning</think><box>[[...]]</box><answer>letter</answer>`` for
     ``"localization"`` (the sample's boxes; it must have at least one), ``<think>reasoning
     </think><answer>letter</answer>`` for ``"sparse"``. ``reasoning`` defaults to the sample's
-    ``meta["rationale"]`` (the synthetic dataset writes one); ``ValueError`` naming the sample
-    when there is none, or when a localization target has no box.
+    ``meta["rationale_<stream>"]`` when it has one, else ``meta["rationale"]`` (the synthetic
+    dataset writes them); ``ValueError`` naming the sample when there is none, or when a
+    localization target has no box.
     """
     if not isinstance(sample, VQASample):
         raise TypeError(f"`sample` must be a VQASample, got {type(sample).__name__}")
-    text = reasoning if reasoning is not None else sample.meta.get("rationale")
+    text = reasoning if reasoning is not None else sample.meta.get(f"rationale_{stream}", sample.meta.get("rationale"))
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"sample {sample.id!r}: no `reasoning` given and no 'rationale' field")
     if stream == "localization":
@@ -395,7 +396,7 @@ def warmup_response(
 # Synthetic scans
 _QUESTION_TYPES = ("location", "intensity", "shape", "size")
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -406,6 +407,30 @@ class SyntheticScanConfig:
     resizing); ``images_per_sample``: 1 or 2 (a second contrast window of the same scan, same
     box); ``question_types``: a non-empty subset of location, intensity, shape, size;
     ``seed``; ``splits``: split name -> number of samples.
+
+    Simplifications for a tiny model (all off by default; the embedded demo turns them on,
+    ``configs/data/demo_scans.yaml``):
+
+    * ``position_cue``: ``none`` (grayscale), ``image`` or ``lesion``: the image is RGB - the
+      scan in red, the pixel's x coordinate as a ramp 0..255 in green, its y coordinate in
+      blue, over the whole image (``image``) or only where the lesion is (``lesion``: the
+      ramps weighted by the lesion's own soft mask, black elsewhere) - so visual tokens carry
+      their absolute position in their pixels (Qwen2.5-VL's vision tower and language model
+      see only relative positions: 2-D RoPE and M-RoPE).
+    * ``option_order``: ``shuffled`` (each question's options in a random order) or
+      ``fixed`` (always the same order per question type, so the answer letter is a fixed
+      function of the lesion's attribute, one hop instead of two).
+    * ``question_style``: ``full`` (``"In which region of the scan is the lesion located?"``,
+      options such as ``"brighter than the surrounding tissue"``) or ``short`` (``"Where is the
+      lesion?"``, one-word options: ``brighter``, ``wide``; about half the prompt tokens).
+    * ``lesion_scale``: lesion radii times this (1.0: the sizes above; a lesion too large for
+      its quadrant keeps its centre there). Larger lesions cover more visual tokens.
+    * ``rationale``: ``sentence`` (``"A small bright round lesion in the upper left."``, every
+      attribute), ``attribute`` (only the attribute the question asks about, e.g.
+      ``"upper left"``: a short ``<think>`` block) or ``centre`` (the localization stream's
+      ``<think>`` is the lesion's centre, ``"0.23, 0.41"`` - a reasoning step its box then
+      builds on - and the sparse stream's the attribute; ``rationale_localization`` holds the
+      former).
     """
 
     image_size: int = 224
@@ -413,6 +438,11 @@ class SyntheticScanConfig:
     question_types: tuple[str, ...] = _QUESTION_TYPES
     seed: int = 0
     splits: Mapping[str, int] = field(default_factory=lambda: {"train": 256, "val": 64})
+    position_cue: str = "none"
+    option_order: str = "shuffled"
+    question_style: str = "full"
+    lesion_scale: float = 1.0
+    rationale: str = "sentence"
 
     def __post_init__(self):
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 56:
@@ -433,6 +463,18 @@ class SyntheticScanConfig:
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise ValueError(f"`splits.{name}` must be a non-negative int, got {n!r}")
         object.__setattr__(self, "splits", dict(self.splits))
+        if self.position_cue not in ("none", "image", "lesion"):
+            raise ValueError(f"`position_cue` must be 'none', 'image' or 'lesion', got {self.position_cue!r}")
+        if self.option_order not in ("shuffled", "fixed"):
+            raise ValueError(f"`option_order` must be 'shuffled' or 'fixed', got {self.option_order!r}")
+        if isinstance(self.lesion_scale, bool) or not isinstance(self.lesion_scale, (int, float)) \
+                or not 0.5 <= self.lesion_scale <= 2.0:
+            raise ValueError(f"`lesion_scale` must be a number in [0.5, 2], got {self.lesion_scale!r}")
+        object.__setattr__(self, "lesion_scale", float(self.lesion_scale))
+        if self.question_style not in ("full", "short"):
+            raise ValueError(f"`question_style` must be 'full' or 'short', got {self.question_style!r}")
+        if self.rationale not in ("sentence", "attribute", "centre"):
+            raise ValueError(f"`rationale` must be 'sentence', 'attribute' or 'centre', got {self.rationale!r}")
 
     @classmethod
     def load(cls, name_or_path: PathLike = "data/synthetic_scans", **overrides) -> "SyntheticScanConfig":
@@ -510,12 +552,15 @@ def render_synthetic_sample(index: int, cfg: SyntheticScanConfig, split: str = "
     intensity = ("brighter", "darker")[int(rng.integers(2))]
     shape = tuple(_SHAPES)[int(rng.integers(3))]
     size = tuple(_SIZES)[int(rng.integers(3))]
-    r = s * rng.uniform(*_SIZES[size])
+    r = s * rng.uniform(*_SIZES[size]) * cfg.lesion_scale
     rx, ry = r * _SHAPES[shape][0], r * _SHAPES[shape][1]
     pad = 0.03 * s
     left, top = quadrant.endswith("left"), quadrant.startswith("upper")
     x_lo, x_hi = (0.1 * s + rx, 0.5 * s - pad - rx) if left else (0.5 * s + pad + rx, 0.9 * s - rx)
     y_lo, y_hi = (0.1 * s + ry, 0.5 * s - pad - ry) if top else (0.5 * s + pad + ry, 0.9 * s - ry)
+    # A lesion too large for its quadrant (lesion_scale > 1) keeps its centre in the quadrant.
+    x_lo, x_hi = min(x_lo, x_hi), max(x_lo, x_hi)
+    y_lo, y_hi = min(y_lo, y_hi), max(y_lo, y_hi)
     cx, cy = rng.uniform(x_lo, x_hi), rng.uniform(y_lo, y_hi)
     amp = rng.uniform(*_INTENSITY[intensity])
     lesion = _ellipse_weight(xx, yy, cx, cy, rx, ry, 10.0)
@@ -528,24 +573,54 @@ def render_synthetic_sample(index: int, cfg: SyntheticScanConfig, split: str = "
     for v in range(cfg.images_per_sample):
         view = img if v == 0 else np.clip((img - 0.15) * 1.7, 0.0, 1.0) ** 0.8  # a second window
         view = view + rng.normal(0.0, 0.02, size=view.shape).astype(np.float32)
-        images.append(Image.fromarray((np.clip(view, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mode="L"))
+        gray = (np.clip(view, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        if cfg.position_cue != "none":  # red: the scan; green: x / s; blue: y / s (pixel centres)
+            ramp = (np.arange(s, dtype=np.float32) + 0.5) / s
+            gx, gy = np.broadcast_to(ramp[None, :], (s, s)), np.broadcast_to(ramp[:, None], (s, s))
+            if cfg.position_cue == "lesion":
+                gx, gy = gx * lesion, gy * lesion
+            to8 = lambda a: (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)  # noqa: E731
+            rgb = np.stack([gray, to8(gx), to8(gy)], -1)
+            images.append(Image.fromarray(np.ascontiguousarray(rgb), mode="RGB"))
+        else:
+            images.append(Image.fromarray(gray, mode="L"))
 
     qtype = cfg.question_types[int(rng.integers(len(cfg.question_types)))]
-    stem, correct, choices = {
-        "location": ("In which region of the scan is the lesion located?", quadrant, list(_QUADRANTS)),
-        "intensity": ("How does the lesion appear compared with the surrounding tissue?",
-                      f"{intensity} than the surrounding tissue",
-                      ["brighter than the surrounding tissue", "darker than the surrounding tissue"]),
-        "shape": ("What best describes the shape of the lesion?", shape, list(_SHAPES)),
-        "size": ("How large is the lesion relative to the scan?", size, list(_SIZES)),
-    }[qtype]
-    order = rng.permutation(len(choices))
-    choices = [choices[k] for k in order]
+    if cfg.question_style == "full":
+        stem, correct, choices = {
+            "location": ("In which region of the scan is the lesion located?", quadrant, list(_QUADRANTS)),
+            "intensity": ("How does the lesion appear compared with the surrounding tissue?",
+                          f"{intensity} than the surrounding tissue",
+                          ["brighter than the surrounding tissue", "darker than the surrounding tissue"]),
+            "shape": ("What best describes the shape of the lesion?", shape, list(_SHAPES)),
+            "size": ("How large is the lesion relative to the scan?", size, list(_SIZES)),
+        }[qtype]
+    else:  # short: the same questions in a few words
+        short_shape = {"round": "round", "horizontally elongated": "wide", "vertically elongated": "tall"}
+        stem, correct, choices = {
+            "location": ("Where is the lesion?", quadrant, list(_QUADRANTS)),
+            "intensity": ("Lesion intensity?", intensity, list(_INTENSITY)),
+            "shape": ("Lesion shape?", short_shape[shape], list(short_shape.values())),
+            "size": ("Lesion size?", size, list(_SIZES)),
+        }[qtype]
+    order = rng.permutation(len(choices))  # drawn in both modes: the scans do not depend on the mode
+    if cfg.option_order == "shuffled":
+        choices = [choices[k] for k in order]
     letter = _LETTERS[choices.index(correct)]
     placeholders = IMAGE_PLACEHOLDER * cfg.images_per_sample
     question = placeholders + "\n" + stem + "\n" + "\n".join(f"{_LETTERS[k]}) {c}" for k, c in enumerate(choices))
     shape_word = "round" if shape == "round" else shape.split()[0] + " elongated"
-    rationale = f"A {size} {'bright' if intensity == 'brighter' else 'dark'} {shape_word} lesion in the {quadrant}."
+    if cfg.rationale == "sentence":
+        rationale = f"A {size} {'bright' if intensity == 'brighter' else 'dark'} {shape_word} lesion in the {quadrant}."
+    else:  # the asked attribute in a word or two (the option's own text in the short style)
+        rationale = correct if cfg.question_style == "short" else {
+            "location": quadrant, "intensity": "bright" if intensity == "brighter" else "dark",
+            "shape": {"round": "round", "horizontally elongated": "wide", "vertically elongated": "tall"}[shape],
+            "size": size}[qtype]
+    # ``centre``: the localization stream reasons about WHERE (the lesion's centre, which its
+    # box then builds on), the sparse stream about WHAT (the asked attribute).
+    loc_rationale = f"{0.5 * (box[0] + box[2]):.2f}, {0.5 * (box[1] + box[3]):.2f}" \
+        if cfg.rationale == "centre" else None
     record = {
         "id": f"{split}_{index:05d}",
         "question": question,
@@ -554,6 +629,7 @@ def render_synthetic_sample(index: int, cfg: SyntheticScanConfig, split: str = "
         "question_type": qtype,
         "attributes": {"quadrant": quadrant, "intensity": intensity, "shape": shape, "size": size},
         "rationale": rationale,
+        **({"rationale_localization": loc_rationale} if loc_rationale is not None else {}),
         "dataset": "synthetic_scans",
     }
     return images, record

@@ -93,7 +93,10 @@ def build_tiny_tokenizer(cfg: Union[None, PathLike, Mapping] = None):
     Args:
         cfg: the tiny model config (a mapping, a YAML path/name; default
             ``configs/models/tiny_qwen2_5_vl.yaml``): ``tokenizer.format_tags`` (added as
-            single, non-special tokens after the special tokens) and ``chat_template``.
+            single, non-special tokens after the special tokens), ``tokenizer.coordinate_tokens``
+            (``d`` in 1..3, or null/0 for none: the strings ``0.0..0`` .. ``1.0..0`` with ``d``
+            decimals are added as single tokens after the tags, so a box coordinate is one
+            token, not ``d + 2`` bytes) and ``chat_template``.
 
     Returns a ``transformers.PreTrainedTokenizerFast`` with ``eos_token`` ``<|im_end|>``,
     ``pad_token`` ``<|endoftext|>`` and the chat template. Any text round-trips through
@@ -107,6 +110,9 @@ def build_tiny_tokenizer(cfg: Union[None, PathLike, Mapping] = None):
     tags = list(tcfg.get("format_tags", []))
     if not all(isinstance(t, str) and t for t in tags) or len(set(tags)) != len(tags):
         raise ValueError(f"tiny model config: `tokenizer.format_tags` must be distinct non-empty strings, got {tags!r}")
+    coord = tcfg.get("coordinate_tokens") or 0
+    if isinstance(coord, bool) or not isinstance(coord, int) or not 0 <= coord <= 3:
+        raise ValueError(f"tiny model config: `tokenizer.coordinate_tokens` must be null or an int in 0..3, got {coord!r}")
     template = cfg.get("chat_template")
     if not isinstance(template, str) or not template.strip():
         raise ValueError("tiny model config: `chat_template` must be a non-empty Jinja string")
@@ -118,6 +124,10 @@ def build_tiny_tokenizer(cfg: Union[None, PathLike, Mapping] = None):
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
     if tags:
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in tags])
+    if coord:
+        scale = 10**coord
+        tok.add_tokens([AddedToken(f"{k / scale:.{coord}f}", special=False, normalized=False)
+                        for k in range(scale + 1)])
     for k, t in enumerate(QWEN_SPECIAL_TOKENS):  # the remapping the docs promise
         assert tok.token_to_id(t) == 256 + k, (t, tok.token_to_id(t))
     fast = PreTrainedTokenizerFast(
@@ -202,17 +212,54 @@ def build_tiny_model(
         **ids,
     )
     seed = int(cfg.get("seed", 0) if seed is None else seed)
+    coord_init = _section(cfg, "tokenizer").get("coordinate_init", "random")
+    if coord_init not in ("random", "ordinal"):
+        raise ValueError(f"tiny model config: `tokenizer.coordinate_init` must be random or ordinal, got {coord_init!r}")
     # The model is initialized on the CPU: seed only the CPU generator inside the fork.
     # (torch.manual_seed would also re-seed every CUDA generator, which fork_rng(devices=[])
     # does not restore: a GPU run's sampling would then follow this seed, not the run's.)
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
+    if coord_init == "ordinal":
+        _ordinal_coordinate_init(model, tokenizer)
     model = model.to(dtype).eval()
     model.generation_config.eos_token_id = [eos, pad]
     model.generation_config.pad_token_id = pad
     model.generation_config.bos_token_id = None
     return model
+
+
+def coordinate_token_values(tokenizer) -> dict[int, float]:
+    """``{token id: value}`` of the tokenizer's single-token box coordinates
+    (``tokenizer.coordinate_tokens``; ``{}`` when it has none)."""
+    out = {}
+    for tok, i in tokenizer.get_vocab().items():
+        if len(tok) >= 3 and tok[0] in "01" and tok[1] == "." and tok[2:].isdigit() and float(tok) <= 1.0:
+            out[int(i)] = float(tok)
+    return out
+
+
+@torch.no_grad()
+def _ordinal_coordinate_init(model, tokenizer) -> None:
+    """"Number sense" for the coordinate tokens of a random tiny model (a pretrained VLM has it,
+    a random one starts with 101 unrelated symbols): in the first two dimensions, each
+    coordinate token's input embedding is ``0.05 * (2v - 1, 1)`` - its value, readable by a
+    linear map - and its LM-head row ``(2v, -v^2)``, so ``logit(v) = 2 v h_0 - v^2 h_1`` peaks at
+    ``v = h_0 / h_1``: the model points at a value by writing it linearly into its last hidden
+    state. All other weights keep transformers' random initialization."""
+    values = coordinate_token_values(tokenizer)
+    if not values:
+        raise ValueError("`tokenizer.coordinate_init: ordinal` needs `tokenizer.coordinate_tokens`")
+    ids = torch.tensor(sorted(values), dtype=torch.int64)
+    v = torch.tensor([values[int(i)] for i in ids], dtype=torch.float32)
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    emb[ids, 0] = (0.05 * (2 * v - 1)).to(emb.dtype)
+    emb[ids, 1] = 0.05
+    head[ids] = 0.0
+    head[ids, 0] = (2 * v).to(head.dtype)
+    head[ids, 1] = (-(v**2)).to(head.dtype)
 
 
 # --------------------------------------------------------------------------------------

@@ -197,7 +197,9 @@ class DataSection:
     split (overrides the generator config); ``synthetic_root``: where generated scans go
     (relative paths are relative to the working directory); ``max_train``/``max_val``: use
     at most this many records; ``invalid_boxes``: ``drop`` or ``raise`` for a bad
-    ground-truth box."""
+    ground-truth box; ``prompt_cache_mb``: render, tokenize and preprocess each training
+    sample's prompts once and keep up to this many MB of pixel values
+    (:class:`~tsparse.train.encode_cache.CachedEncoder`; 0: off, every step re-encodes)."""
 
     train: Optional[str] = "synthetic"
     val: Optional[str] = "synthetic"
@@ -207,6 +209,7 @@ class DataSection:
     max_train: Optional[int] = None
     max_val: Optional[int] = None
     invalid_boxes: str = "drop"
+    prompt_cache_mb: int = 0
 
     def __post_init__(self):
         if self.invalid_boxes not in ("drop", "raise"):
@@ -215,6 +218,7 @@ class DataSection:
             v = getattr(self, name)
             if v is not None:
                 _positive(v, f"data.{name}")
+        _non_negative(self.prompt_cache_mb, "data.prompt_cache_mb")
 
 
 @dataclass(frozen=True)
@@ -289,7 +293,15 @@ class WarmupStage:
     each of ``streams`` (the sparse target is trained on the prompt pruned to the
     ground-truth boxes); ``reasoning``: the ``<think>`` text for records without a
     ``rationale`` field (null: such records are an error); ``micro_batch_size``: samples per
-    forward."""
+    forward; ``context_curriculum``: a fraction of the steps (0: off) during which the
+    localization target is trained on its prompt pruned to the ground-truth box grown by a
+    margin that rises linearly to the whole image - the model first learns to read where the
+    kept visual tokens are, then to find them among more and more tokens (dense afterwards);
+    ``sparse_context_jitter``: the fraction of the sparse stream's rows whose ground-truth box
+    is grown by a random number of token cells up to the whole image (0: every row sees exactly
+    its box), so that stream also answers from imperfect boxes and from all visual tokens;
+    ``sparse_first``: the first this many steps train the sparse stream alone (reading the
+    lesion from its own tokens comes before finding it among all of them)."""
 
     steps: int = 0
     batch_size: int = 8
@@ -297,6 +309,9 @@ class WarmupStage:
     lr: Optional[float] = None
     streams: tuple[str, ...] = ("localization", "sparse")
     reasoning: Optional[str] = None
+    context_curriculum: float = 0.0
+    sparse_context_jitter: float = 0.0
+    sparse_first: int = 0
 
     def __post_init__(self):
         _non_negative(self.steps, "stages.warmup.steps")
@@ -305,6 +320,13 @@ class WarmupStage:
             _positive(self.micro_batch_size, "stages.warmup.micro_batch_size")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"`stages.warmup.lr` must be > 0, got {self.lr}")
+        if not 0.0 <= self.context_curriculum <= 1.0:
+            raise ConfigError(f"`stages.warmup.context_curriculum` must be in [0, 1], got {self.context_curriculum}")
+        _non_negative(self.sparse_first, "stages.warmup.sparse_first")
+        if self.sparse_first > self.steps:
+            raise ConfigError(f"`stages.warmup.sparse_first` ({self.sparse_first}) must be <= stages.warmup.steps ({self.steps})")
+        if not 0.0 <= self.sparse_context_jitter <= 1.0:
+            raise ConfigError(f"`stages.warmup.sparse_context_jitter` must be in [0, 1], got {self.sparse_context_jitter}")
         bad = [s for s in self.streams if s not in ("localization", "sparse")]
         if bad or not self.streams or len(set(self.streams)) != len(self.streams):
             raise ConfigError(f"`stages.warmup.streams` must be distinct names from [localization, sparse], "
@@ -354,11 +376,14 @@ class StagesSection:
 @dataclass(frozen=True)
 class EvalSection:
     """Greedy evaluation of both streams on the first ``samples`` validation records, ``at``
-    ``start`` (the untrained model) and/or ``stage_end`` (after each stage); 0 samples: off."""
+    ``start`` (the untrained model) and/or ``stage_end`` (after each stage); 0 samples: off.
+    ``dense``: also answer the sparse stream's prompt from every visual token (dense accuracy
+    of the same checkpoint)."""
 
     samples: int = 16
     batch_size: int = 16
     at: tuple[str, ...] = ("start", "stage_end")
+    dense: bool = True
 
     def __post_init__(self):
         _non_negative(self.samples, "eval.samples")

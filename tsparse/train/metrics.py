@@ -23,9 +23,9 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
-__all__ = ["MetricsLogger", "read_jsonl", "stage_means", "plot_metrics", "format_summary"]
+__all__ = ["MetricsLogger", "read_jsonl", "stage_means", "quarter_means", "plot_metrics", "format_summary"]
 
 
 class MetricsLogger:
@@ -65,6 +65,26 @@ def stage_means(records: Iterable[dict], stage: str, keys: Sequence[str]) -> dic
         vals = [r[k] for r in rows if isinstance(r.get(k), (int, float))]
         if vals:
             out[k] = sum(vals) / len(vals)
+    return out
+
+
+def quarter_means(records: Iterable[dict], stage: str, keys: Sequence[str]) -> dict:
+    """Whether RL moved a stage's rewards: for each key, the mean over the stage's FIRST quarter
+    of steps and over its LAST quarter (``ceil(steps / 4)`` steps each). Returns
+    ``{"steps", "quarter", key: {"first", "last", "delta"}}``; keys without values are left out,
+    and a stage with fewer than 2 steps gives ``{"steps": n}``."""
+    rows = sorted((r for r in records if r.get("stage") == stage), key=lambda r: r.get("step", 0))
+    out: dict = {"steps": len(rows)}
+    if len(rows) < 2:
+        return out
+    q = max(1, math.ceil(len(rows) / 4))
+    out["quarter"] = q
+    for k in keys:
+        first = [r[k] for r in rows[:q] if isinstance(r.get(k), (int, float))]
+        last = [r[k] for r in rows[-q:] if isinstance(r.get(k), (int, float))]
+        if first and last:
+            f, l_ = sum(first) / len(first), sum(last) / len(last)
+            out[k] = {"first": f, "last": l_, "delta": l_ - f}
     return out
 
 
@@ -146,7 +166,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 TRAIN_KEYS = ("loss", "sft/loss", "loc/score", "loc/format", "loc/iou", "loc/accuracy", "loc/cross_accuracy",
-              "loc/box_rate", "sparse/score", "sparse/format", "sparse/accuracy", "sparse/cross_accuracy",
+              "loc/box_rate", "loc/sparsity", "sparse/score", "sparse/format", "sparse/accuracy", "sparse/cross_accuracy",
               "keep_ratio", "time/step", "tokens_per_s")
 
 
@@ -169,16 +189,40 @@ def format_summary(summary: dict) -> str:
                          _fmt(m.get("tokens_per_s"), 0)])
         out.append("Training, mean over each stage's steps (warm-up: supervised, no rollouts)")
         out.append(_table(headers, rows))
+    progress = summary.get("rl_progress", {})
+    lines = []
+    for stage, p in progress.items():
+        parts = [f"{name} {p[k]['first']:.3f} -> {p[k]['last']:.3f} ({p[k]['delta']:+.3f})"
+                 for k, name in (("loc/score", "localization reward"), ("sparse/score", "sparse reward"))
+                 if isinstance(p.get(k), Mapping)]
+        if parts:
+            lines.append(f"  {stage} ({p['steps']} steps, quarters of {p['quarter']}): " + "; ".join(parts))
+    if lines:
+        out.append("")
+        out.append("RL reward, mean of the first quarter of each stage's steps -> mean of the last quarter")
+        out.extend(lines)
     evals = summary.get("evals", [])
     if evals:
-        n = evals[0].get("n")
-        headers = ["model", "loc format", "box rate", "IoU", "loc acc", "sparse format", "sparse acc",
+        n = evals[-1].get("n")
+        headers = ["model", "loc format", "box rate", "IoU", "loc acc", "dense acc", "sparse format", "sparse acc",
                    "keep ratio", "fallback", "eval s"]
         rows = [[e["label"], _fmt(e["loc_format"]), _fmt(e["box_rate"]), _fmt(e["iou"]), _fmt(e["loc_accuracy"]),
-                 _fmt(e["sparse_format"]), _fmt(e["sparse_accuracy"]), _fmt(e["keep_ratio"]),
-                 _fmt(e["fallback_rate"]), _fmt(e["seconds"], 1)] for e in evals]
+                 _fmt(e.get("dense_accuracy")), _fmt(e["sparse_format"]), _fmt(e["sparse_accuracy"]),
+                 _fmt(e["keep_ratio"]), _fmt(e["fallback_rate"]), _fmt(e["seconds"], 1)] for e in evals]
+        b = summary.get("baselines") or {}
+        if b.get("n"):
+            box = ", ".join(f"{v:.2f}" for v in b.get("fixed_box", []))
+            rows.append([f"baseline: best fixed box [{box}]", "-", "-", _fmt(b.get("fixed_box_iou")), "-", "-", "-",
+                         "-", "-", "-", "-"])
+            for key, name in (("chance_accuracy", "baseline: chance"),
+                              ("majority_accuracy", f"baseline: always {b.get('majority_answer', '?')}"),
+                              ("question_majority_accuracy", "baseline: blind (majority per question)")):
+                if b.get(key) is not None:
+                    v = _fmt(b[key])
+                    rows.append([name, "-", "-", "-", v, v, "-", v, "-", "-", "-"])
         out.append("")
-        out.append(f"Greedy evaluation on {n} validation samples (localization -> boxes -> pruned sparse answer)")
+        out.append(f"Greedy evaluation on {n} validation samples (localization -> boxes -> pruned sparse answer; "
+                   f"dense acc: the same checkpoint answering from every visual token)")
         out.append(_table(headers, rows))
     if summary.get("seconds") is not None:
         out.append("")

@@ -23,6 +23,7 @@ in :mod:`tsparse.dualstream`; this module schedules it, logs, evaluates and chec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from .._nvtx import nvtx_range
 from ..dualstream.advantages import LOCALIZATION, SPARSE, dual_stream_advantages
+from ..dualstream.config import PruningConfig
 from ..dualstream.data import (
     SyntheticScanConfig,
     VQASample,
@@ -67,8 +69,9 @@ from ..dualstream.rollout import (
 )
 from . import checkpoint as ckpt
 from .config import STAGES, ConfigError, TrainConfig
-from .evaluate import evaluate
-from .metrics import TRAIN_KEYS, MetricsLogger, format_summary, plot_metrics, read_jsonl, stage_means
+from .encode_cache import CachedEncoder
+from .evaluate import baselines, evaluate
+from .metrics import TRAIN_KEYS, MetricsLogger, format_summary, plot_metrics, quarter_means, read_jsonl, stage_means
 from .optim import TrainerOptimizer, lr_at
 
 __all__ = ["Trainer", "StreamRows", "pick_device", "pick_dtype"]
@@ -101,9 +104,9 @@ class StreamRows:
 
     ``prompt``: the processor batch of the step's questions in this stream's prompt;
     ``question_index``: the prompt row of each response row; ``boxes``: the boxes each
-    row's prompt is pruned to (``None``: the dense stream); ``advantages``: float32 ``[N]``
-    per row (``None`` for supervised targets); ``old_logp`` / ``ref_logp``: per-row token
-    log-probs, filled before the update.
+    row's prompt is pruned to (``None``: the dense stream); ``pruning``: how (``None``: the
+    method's ``pruning``); ``advantages``: float32 ``[N]`` per row (``None`` for supervised
+    targets); ``old_logp`` / ``ref_logp``: per-row token log-probs, filled before the update.
     """
 
     stream: int
@@ -114,6 +117,7 @@ class StreamRows:
     advantages: Optional[Tensor] = None
     old_logp: Optional[list] = None
     ref_logp: Optional[list] = None
+    pruning: Optional[PruningConfig] = None
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -184,9 +188,14 @@ class Trainer:
         if model_path != "tiny" and not Path(model_path).is_dir():
             raise ConfigError(f"`model.path` (--model): {model_path!r} is neither 'tiny' nor a checkpoint folder")
         self.model_path = model_path
+        # The tiny random model's weights follow the run's seed (a second seed varies everything).
         self.model, self.processor = load_model_and_processor(
-            model_path, dtype=self.dtype, device=self.device, tiny_config=config.model.tiny_config)
+            model_path, dtype=self.dtype, device=self.device, tiny_config=config.model.tiny_config,
+            seed=config.seed)
         self._set_image_size(config.model.min_pixels, config.model.max_pixels)
+        # Prompts of the training samples: rendered and preprocessed once when cached.
+        mb = config.data.prompt_cache_mb
+        self.encoder = CachedEncoder(self.processor, max_bytes=mb << 20) if mb > 0 else self.processor
         if config.model.attn_implementation is not None:
             self.model.set_attn_implementation(config.model.attn_implementation)
         if config.model.freeze_vision:
@@ -300,7 +309,7 @@ class Trainer:
                          [table.responses.texts[r] for r in rows])
         boxes = None if table.boxes is None else [table.boxes[r] for r in rows]
         inputs = stream_forward_inputs(self.model, table.prompt, [table.question_index[r] for r in rows], resp,
-                                       boxes=boxes, pruning=self.method.pruning, features=features)
+                                       boxes=boxes, pruning=table.pruning or self.method.pruning, features=features)
         hidden = response_hidden(self.model, inputs, resp.mask)
         targets = resp.ids[resp.mask.bool()].to(hidden.device)
         return hidden, targets, resp.mask.sum(1).tolist()
@@ -433,7 +442,7 @@ class Trainer:
         samples = self._batch(stage, step, scfg.questions_per_step)
         with self._phase("rollout_localization", timings):
             loc = rollout_localization(
-                self.model, self.processor, samples, self.method.prompts.localization,
+                self.model, self.encoder, samples, self.method.prompts.localization,
                 GenerationOptions(r.max_new_tokens.localization, True, r.temperature, r.top_p, r.top_k),
                 group_size=g, max_boxes=self.method.format.max_boxes, device=self.device)
         timings["parse"] = loc.timings.get("parse", 0.0)
@@ -442,7 +451,7 @@ class Trainer:
         if stage == "sparse":
             with self._phase("rollout_sparse", timings):
                 sp = rollout_sparse(
-                    self.model, self.processor, samples, self.method.prompts.sparse, loc.boxes,
+                    self.model, self.encoder, samples, self.method.prompts.sparse, loc.boxes,
                     GenerationOptions(r.max_new_tokens.sparse, True, r.temperature, r.top_p, r.top_k),
                     parents_per_question=g, group_size=gp, pruning=self.method.pruning,
                     image_embeds=loc.image_embeds, device=self.device)
@@ -513,12 +522,52 @@ class Trainer:
         if self._ref_model is None:
             src = self.state.get("stage_start") or self.cfg.model.path
             self._ref_model, _ = load_model_and_processor(src, dtype=self.dtype, device=self.device,
-                                                          tiny_config=self.cfg.model.tiny_config)
+                                                          tiny_config=self.cfg.model.tiny_config, seed=self.cfg.seed)
             self._ref_model.eval().requires_grad_(False)
         return self._ref_model
 
     # ---------------------------------------------------------------------------------
     # Stage 0: supervised warm-up
+    def _context_margin(self, step: int, enc: dict) -> Optional[float]:
+        """The localization stream's context curriculum (``stages.warmup.context_curriculum``):
+        during the first ``fraction`` of the warm-up steps that train it (after
+        ``sparse_first``) its prompt is pruned to the ground-truth box grown by ``margin`` token
+        cells, ``margin`` rising linearly from 0 to the grid's longest side (the whole image);
+        ``None`` (dense) afterwards or when off."""
+        wcfg = self.cfg.stages_config.warmup
+        frac = wcfg.context_curriculum
+        step -= wcfg.sparse_first  # the curriculum spans the steps that train the localization stream
+        total = wcfg.steps - wcfg.sparse_first
+        if frac <= 0 or step < 0 or step >= frac * total or enc.get("image_grid_thw") is None:
+            return None
+        merge = int(getattr(self.model.config.vision_config, "spatial_merge_size", 2))
+        side = int(enc["image_grid_thw"][:, 1:].max()) // merge
+        return side * step / (frac * total)
+
+    def _jitter_context(self, step: int, boxes: list, enc: dict) -> list:
+        """``stages.warmup.sparse_context_jitter``: that fraction of the sparse stream's rows
+        (drawn from (seed, step)) see their ground-truth box grown by a random number of token
+        cells, from 0 to the grid's side (the whole image), so the sparse stream also learns to
+        answer from imperfect boxes and from every visual token (the dense baseline)."""
+        frac = self.cfg.stages_config.warmup.sparse_context_jitter
+        grid = enc.get("image_grid_thw")
+        if frac <= 0 or grid is None:
+            return boxes
+        merge = int(getattr(self.model.config.vision_config, "spatial_merge_size", 2))
+        rng = np.random.default_rng([self.cfg.seed, 7, step])
+        out = []
+        counts = enc["image_grid_thw"].shape[0] // max(len(boxes), 1)  # images per sample (uniform here)
+        for k, bx in enumerate(boxes):
+            if bx is None or rng.random() >= frac:
+                out.append(bx)
+                continue
+            g = grid[k * counts]
+            h, w = int(g[1]) // merge, int(g[2]) // merge
+            m = int(rng.integers(0, max(h, w) + 1))
+            out.append([[max(b[0] - m / w, 0.0), max(b[1] - m / h, 0.0), min(b[2] + m / w, 1.0), min(b[3] + m / h, 1.0)]
+                        for b in bx])
+        return out
+
     def _warmup_step(self, step: int) -> dict:
         wcfg = self.cfg.stages_config.warmup
         timings: dict = {}
@@ -526,7 +575,9 @@ class Trainer:
         samples = self._batch("warmup", step, wcfg.batch_size)
         tables = []
         with self._phase("encode", timings):
-            for stream in wcfg.streams:
+            # stages.warmup.sparse_first: the first steps train the sparse stream alone.
+            streams = [s for s in wcfg.streams if s == "sparse"] if step < wcfg.sparse_first else wcfg.streams
+            for stream in streams:
                 sid = LOCALIZATION if stream == "localization" else SPARSE
                 # Localization targets need a box; the sparse stream trains on every sample
                 # (pruned to its ground-truth boxes, the full image when it has none).
@@ -542,11 +593,22 @@ class Trainer:
                                                        decimals=self.method.format.box_decimals))
                     except ValueError as e:
                         raise ConfigError(f"{e} (set stages.warmup.reasoning for data without a rationale)") from None
-                enc = self.processor.encode_samples(samples, self.method.prompts.for_stream(stream),
+                enc = self.encoder.encode_samples(samples, self.method.prompts.for_stream(stream),
                                                     device=self.device)
                 resp = tokenize_targets(self.processor, targets, device=self.device)
                 boxes = [list(s.boxes) or None for s in use] if stream == "sparse" else None
-                tables.append(StreamRows(sid, enc, keep, resp, boxes=boxes))
+                if stream == "sparse":
+                    boxes = self._jitter_context(step, boxes, enc)
+                pruning = None
+                margin = self._context_margin(step, enc)
+                if stream == "localization" and margin is not None:
+                    # Curriculum: the dense prompt pruned to the ground-truth box grown by `margin`
+                    # cells, the other visual tokens dropped (not fused: the kept tokens are then
+                    # exactly the dense tokens a focused look would read).
+                    boxes = [list(s.boxes) for s in use]
+                    pruning = dataclasses.replace(self.method.pruning, margin=margin, fuse=False,
+                                                  fallback="full_image")
+                tables.append(StreamRows(sid, enc, keep, resp, boxes=boxes, pruning=pruning))
         self.model.train()
         self.optimizer.zero_grad()
         self.optimizer.set_lr(self._lr())
@@ -586,6 +648,9 @@ class Trainer:
         tokens = sum(tot_tok)
         rec = {"sft/loss": loss_total, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
                "tokens/trained": tokens, "tokens_per_s": tokens / timings["step"]}
+        margin = self._context_margin(step, tables[0].prompt) if tables else None
+        if margin is not None:
+            rec["sft/context_margin"] = margin
         rec.update({f"sft/nll/{k}": v for k, v in nll.items()})
         rec.update({f"time/{k}": v for k, v in timings.items()})
         return rec
@@ -599,12 +664,14 @@ class Trainer:
         with nvtx_range("eval"):
             res = evaluate(self.model, self.processor, self.val_samples, self.method,
                            max_new_tokens_localization=r.max_new_tokens.localization,
-                           max_new_tokens_sparse=r.max_new_tokens.sparse, batch_size=self.cfg.eval.batch_size)
+                           max_new_tokens_sparse=r.max_new_tokens.sparse, batch_size=self.cfg.eval.batch_size,
+                           dense=self.cfg.eval.dense)
         rec = {"label": label, **res.as_dict()}
         self.state["evals"].append(rec)
         self._write_evals()
+        dense = "" if res.dense_accuracy is None else f"dense acc {res.dense_accuracy:.3f}, "
         self.log(f"[tsparse.train] eval {label}: loc format {res.loc_format:.3f}, box rate {res.box_rate:.3f}, "
-                 f"IoU {res.iou:.3f}, loc acc {res.loc_accuracy:.3f}, sparse format {res.sparse_format:.3f}, "
+                 f"IoU {res.iou:.3f}, loc acc {res.loc_accuracy:.3f}, {dense}sparse format {res.sparse_format:.3f}, "
                  f"sparse acc {res.sparse_accuracy:.3f}, keep {res.keep_ratio:.3f} ({res.seconds:.1f} s)")
         return rec
 
@@ -718,7 +785,11 @@ class Trainer:
             "seconds": time.perf_counter() - t0,
             "device": str(self.device),
             "stages": {s: stage_means(records, s, TRAIN_KEYS) for s in ran},
+            "rl_progress": {s: quarter_means(records, s, ("loc/score", "sparse/score", "loc/iou", "loc/accuracy",
+                                                          "sparse/accuracy", "keep_ratio"))
+                            for s in ran if s != "warmup"},
             "evals": self.state["evals"],
+            "baselines": baselines(self.val_samples) if self.val_samples else {},
             "checkpoint": str(ckpt.find_latest(self.out)) if ckpt.find_latest(self.out) else None,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
