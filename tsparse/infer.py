@@ -58,7 +58,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .dualstream.config import MethodConfig, StreamPrompt, load_method_config, load_yaml
+from .dualstream.config import MethodConfig, StreamPrompt, _check_keys, load_method_config, load_yaml
 from ._cli import ArgumentParser, UsageError
 from ._cli import run as run_cli
 from .dualstream.data import VQASample, check_image_file, load_images, parse_options
@@ -192,12 +192,7 @@ class InferenceConfig:
             if isinstance(value, LocalizationPrompt):
                 prompts[name] = value
                 continue
-            if not isinstance(value, Mapping):
-                raise ValueError(f"`localization_prompts.{name}` must be a mapping, got {type(value).__name__}")
-            allowed = {f.name for f in dataclasses.fields(LocalizationPrompt)}
-            unknown = sorted(set(value) - allowed)
-            if unknown:
-                raise ValueError(f"`localization_prompts.{name}`: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+            _check_keys(value, LocalizationPrompt, f"localization_prompts.{name}")
             try:
                 prompts[name] = LocalizationPrompt(**dict(value))
             except ValueError as e:

@@ -262,6 +262,17 @@ def _ordinal_coordinate_init(model, tokenizer) -> None:
     head[ids, 1] = (-(v**2)).to(head.dtype)
 
 
+def inputs_to_device(out: dict, device: Optional[Union[str, torch.device]]) -> dict:
+    """Moves the model inputs of an encoded batch (``input_ids``, ``attention_mask``,
+    ``mm_token_type_ids``, ``pixel_values``; ``image_grid_thw`` stays on the CPU) to ``device``
+    in place (nothing when ``device`` is None) and returns ``out``."""
+    if device is not None:
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values"):
+            if key in out:
+                out[key] = out[key].to(device)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 class VLProcessor:
     """Chat text + images -> Qwen2.5-VL model inputs, through transformers' own processor.
@@ -379,11 +390,7 @@ class VLProcessor:
         out["input_ids"] = ids
         out["attention_mask"] = enc["attention_mask"].to(torch.int64)
         out["mm_token_type_ids"] = (ids == self.image_token_id).to(torch.int32)
-        if device is not None:
-            for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values"):
-                if key in out:
-                    out[key] = out[key].to(device)
-        return out
+        return inputs_to_device(out, device)
 
     def encode_samples(
         self,

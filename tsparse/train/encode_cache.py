@@ -22,6 +22,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ..dualstream.models import inputs_to_device
+
 __all__ = ["CachedEncoder"]
 
 _ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
@@ -119,9 +121,6 @@ class CachedEncoder:
         if pix:
             out["pixel_values"] = torch.cat([p[0] for p in pix])
             out["image_grid_thw"] = torch.cat([p[1] for p in pix])
-        if device is not None:
-            for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values"):
-                if key in out:
-                    out[key] = out[key].to(device)
+        inputs_to_device(out, device)
         out["texts"] = [r["texts"] for r, _ in parts]
         return out
