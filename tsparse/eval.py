@@ -65,7 +65,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .dualstream.data import VQASample, load_vitar_json, parse_options, read_records
 from .dualstream.format import extract_answer
-from .dualstream.rewards import normalize_text, parse_choice
+from .dualstream.rewards import best_match_iou, normalize_text, parse_choice
 
 __all__ = [
     "EvalItem",
@@ -332,22 +332,6 @@ def _load_records(path: Path) -> dict:
     return out
 
 
-def _best_match_iou(pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]]) -> float:
-    """Mean over ground-truth boxes of the IoU with the best predicted box (0 without a
-    prediction): a box-quality diagnostic of generated localizations, not a reward."""
-
-    def iou(a, b) -> float:
-        ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-        iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-        inter = ix * iy
-        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-        return inter / union if union > 0 else 0.0
-
-    if not gt:
-        return 0.0
-    return sum(max((iou(p, g) for p in pred), default=0.0) for g in gt) / len(gt)
-
-
 def evaluate(
     pipe,
     items: Sequence[EvalItem],
@@ -459,7 +443,7 @@ def evaluate(
                                "correct": sc.correct, "prediction": sc.prediction, "status": sc.status,
                                "batch_id": f"{session}-{r.batch}", **r.to_dict()}
                         if r.mode == "sparse" and r.box_source in ("generated", "localization_text") and it.sample.boxes:
-                            rec["box_iou"] = _best_match_iou(r.boxes, it.sample.boxes)
+                            rec["box_iou"] = best_match_iou(r.boxes, it.sample.boxes)
                         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
